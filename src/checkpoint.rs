@@ -1,0 +1,171 @@
+//! Checkpoints: safetensors files, f32, whose tensor names and layouts are the `state_dict` of
+//!
+//! ```text
+//! Sequential(conv=Conv2d(1, 20, 9, bias=B), relu, AvgPool2d(2), Flatten(),
+//!            fc1=Linear(2000, 100, bias=B), relu, fc2=Linear(100, 10, bias=B))
+//! ```
+//! (`conv.weight` [20,1,9,9], `fc1.weight` [100,2000], `fc2.weight` [10,100], and the biases
+//! when present), so that PyTorch's `load_state_dict` takes them as they are. The metadata map
+//! holds `format` = `mnistconv`, `format_version`, and the architecture as JSON under `config`.
+//! A file without that metadata (e.g. saved from PyTorch) is read as the default architecture,
+//! with biases if it has `conv.bias`.
+
+use crate::config::NetConfig;
+use crate::error::{Error, Result};
+use crate::fsutil::atomic_write;
+use crate::params::{Params, tensor_shape};
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// The checkpoint format version this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// A network: its architecture and its weights.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Model {
+    /// The architecture.
+    pub cfg: NetConfig,
+    /// The weights.
+    pub params: Params<f32>,
+    /// Free-form metadata kept with the checkpoint (e.g. `recipe`, `dataset`).
+    pub meta: HashMap<String, String>,
+}
+
+/// Serialises a model to safetensors bytes.
+pub fn to_bytes(model: &Model) -> Result<Vec<u8>> {
+    let mut meta = model.meta.clone();
+    meta.insert("format".into(), "mnistconv".into());
+    meta.insert("format_version".into(), FORMAT_VERSION.to_string());
+    meta.insert(
+        "config".into(),
+        serde_json::to_string(&model.cfg).expect("config serialises"),
+    );
+    let bytes: Vec<(&str, Vec<u8>)> = model
+        .params
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.iter().flat_map(|v| v.to_le_bytes()).collect()))
+        .collect();
+    let views: Vec<(&str, TensorView)> = bytes
+        .iter()
+        .map(|(n, b)| {
+            let shape = tensor_shape(&model.cfg, n).expect("known tensor");
+            (*n, TensorView::new(Dtype::F32, shape, b).expect("sizes agree"))
+        })
+        .collect();
+    safetensors::serialize(views, Some(meta))
+        .map_err(|e| Error::Data(format!("cannot serialise checkpoint: {e}")))
+}
+
+/// Saves a model atomically (temporary file, fsync, rename).
+pub fn save(path: &Path, model: &Model) -> Result<()> {
+    atomic_write(path, &to_bytes(model)?)
+}
+
+/// Loads and checks a model: names, dtypes, shapes, agreement with the metadata's config, and
+/// that every weight is finite.
+pub fn load(path: &Path) -> Result<Model> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    from_bytes(&bytes, path)
+}
+
+/// As [`load`], from bytes; `path` names the source in errors.
+pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Model> {
+    let bad = |r: String| Error::checkpoint(path, r);
+    let (_, header) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| bad(format!("not a safetensors checkpoint ({e})")))?;
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| bad(format!("not a safetensors checkpoint ({e})")))?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    if let Some(v) = meta.get("format_version") {
+        let v: u32 = v.parse().map_err(|_| bad(format!("format_version {v:?} is not a number")))?;
+        if v > FORMAT_VERSION {
+            return Err(bad(format!(
+                "format version {v} is newer than this build reads ({FORMAT_VERSION})"
+            )));
+        }
+    }
+    let from_meta = meta.contains_key("config");
+    let cfg: NetConfig = match meta.get("config") {
+        Some(c) => serde_json::from_str(c).map_err(|e| bad(format!("metadata config is not valid: {e}")))?,
+        None => NetConfig {
+            bias: st.names().contains(&"conv.bias"),
+            ..NetConfig::default()
+        },
+    };
+    cfg.validate().map_err(|e| bad(format!("metadata config: {e}")))?;
+    let mut params = Params::<f32>::zeros(&cfg);
+    let expected: Vec<&str> = params.tensors().iter().map(|t| t.0).collect();
+    for name in st.names() {
+        if !expected.contains(&name) {
+            return Err(bad(format!(
+                "unexpected tensor {name:?} (the model has {})",
+                expected.join(", ")
+            )));
+        }
+    }
+    for (name, dst) in params.tensors_mut() {
+        let t = st.tensor(name).map_err(|_| bad(format!("missing tensor {name:?}")))?;
+        if t.dtype() != Dtype::F32 {
+            return Err(bad(format!("tensor {name}: dtype {:?}, expected F32", t.dtype())));
+        }
+        let want = tensor_shape(&cfg, name).expect("known tensor");
+        if t.shape() != want.as_slice() {
+            let why = if from_meta { " (as the metadata's config says)" } else { "" };
+            return Err(bad(format!(
+                "tensor {name}: shape {:?}, expected {want:?}{why}",
+                t.shape()
+            )));
+        }
+        for (d, c) in dst.iter_mut().zip(t.data().chunks_exact(4)) {
+            *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        }
+        if let Some(i) = dst.iter().position(|v| !v.is_finite()) {
+            return Err(bad(format!("tensor {name}: element {i} is {} (not finite)", dst[i])));
+        }
+    }
+    let meta = meta
+        .into_iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "format" | "format_version" | "config"))
+        .collect();
+    Ok(Model { cfg, params, meta })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::params::Init;
+
+    #[test]
+    fn round_trip_with_and_without_bias() {
+        for bias in [false, true] {
+            let cfg = NetConfig {
+                bias,
+                hidden: 7,
+                ..NetConfig::default()
+            };
+            let mut params = Params::init(&cfg, Init::He, 3);
+            params.b_m1.iter_mut().for_each(|b| *b = 0.5);
+            let m = Model {
+                cfg,
+                params,
+                meta: [("recipe".to_string(), "default".to_string())].into(),
+            };
+            let back = from_bytes(&to_bytes(&m).unwrap(), Path::new("m")).unwrap();
+            assert_eq!(back, m);
+        }
+    }
+
+    #[test]
+    fn refuses_garbage_and_nan() {
+        let e = from_bytes(b"hello world, not safetensors", Path::new("g")).unwrap_err().to_string();
+        assert!(e.contains("not a safetensors"), "{e}");
+        let cfg = NetConfig::default();
+        let mut params = Params::init(&cfg, Init::He, 3);
+        params.w[5] = f32::NAN;
+        let b = to_bytes(&Model { cfg, params, meta: HashMap::new() }).unwrap();
+        let e = from_bytes(&b, Path::new("n")).unwrap_err().to_string();
+        assert!(e.contains("fc2.weight") && e.contains("not finite"), "{e}");
+    }
+}

@@ -1,0 +1,53 @@
+//! # mnistconv
+//!
+//! The convolutional network "architecture 1" of the design document
+//! (`docs/derivation.md`), with every gradient written by hand as the document derives it:
+//!
+//! ```text
+//! x 28×28 → conv 20@9×9 → act → y⁽⁻³⁾ 20×20×20 → 2×2 pool → y⁽⁻²⁾ 2000 → w⁽⁻¹⁾ 100×2000 → φ
+//!   → y⁽⁻¹⁾ 100 → w 10×100 → v 10 → softmax y → L = Σ −dᵢ log yᵢ
+//! ```
+//!
+//! | derivation | code | shape |
+//! |---|---|---|
+//! | `x` | `x` | (28, 28) |
+//! | `k_{n,i,j}` | [`Params::k`] | (20, 9, 9) |
+//! | `y⁽⁻³⁾` | `y_m3` | (20, 20, 20) |
+//! | `y⁽⁻²⁾` | `y_m2` | (2000) = (20, 10, 10) |
+//! | `w⁽⁻¹⁾`, `v⁽⁻¹⁾`, `y⁽⁻¹⁾` | `w_m1`, `v_m1`, `y_m1` | (100, 2000), (100), (100) |
+//! | `w`, `v`, `y` | `w`, `v`, `y` | (10, 100), (10), (10) |
+//! | `∂L/∂·` | `dv`, `dy_m1`, `dw_m1`, `dk`, … | as the tensor |
+//!
+//! Two paths compute the same thing: [`reference`] (f64, one image, loops that read like the
+//! formulas) and [`fast`] (f32, batched, im2col + GEMM). Tests hold them together, and
+//! [`gradcheck`] holds the reference to finite differences.
+//!
+//! ```
+//! use mnistconv::{NetConfig, Params, Init, reference};
+//! let cfg = NetConfig::default();
+//! let p = Params::init(&cfg, Init::He, 1).map(f64::from);
+//! let x = vec![0.5; 28 * 28];
+//! let a = reference::forward(&cfg, &p, &x, 3);
+//! let b = reference::backward(&cfg, &p, &a);
+//! assert_eq!(b.grads.k.len(), 20 * 9 * 9);
+//! assert!((a.y.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+//! ```
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod fast;
+pub mod fsutil;
+pub mod gradcheck;
+pub mod kernels;
+pub mod mnist;
+pub mod params;
+pub mod reference;
+pub mod train;
+
+pub use checkpoint::Model;
+pub use config::{Activation, NetConfig, Pooling};
+pub use error::{Error, Result};
+pub use mnist::Dataset;
+pub use params::{Grads, Init, Params};
+pub use train::{Recipe, TrainConfig};

@@ -1,0 +1,460 @@
+//! The `mnistconv` command: a thin layer of flags and messages over the library.
+//!
+//! Exit codes: 0 success; 1 a run that failed (divergence, a failed gradient check);
+//! 2 bad usage or bad input.
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use mnistconv::checkpoint::{self, Model};
+use mnistconv::gradcheck;
+use mnistconv::mnist::{self, Dataset, Split};
+use mnistconv::train::{self, EpochStats, Recipe, TrainConfig};
+use mnistconv::{Activation, Error, NetConfig, Params, Pooling};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// Train, evaluate and check the hand-derived convolutional network "architecture 1".
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Train a network (on the embedded 5,000-image MNIST sample unless --data is given).
+    Train(TrainArgs),
+    /// Accuracy, per-class precision/recall and confusion matrix of a checkpoint.
+    Eval(EvalArgs),
+    /// Check every hand-derived gradient against central finite differences (f64).
+    Gradcheck(GradcheckArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RecipeArg {
+    Book,
+    Default,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ActArg {
+    Relu,
+    Sigmoid,
+    Tanh,
+}
+
+impl From<ActArg> for Activation {
+    fn from(a: ActArg) -> Self {
+        match a {
+            ActArg::Relu => Activation::Relu,
+            ActArg::Sigmoid => Activation::Sigmoid,
+            ActArg::Tanh => Activation::Tanh,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PoolArg {
+    Mean,
+    Max,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum SplitArg {
+    Train,
+    Test,
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// Directory with train-* (and optionally t10k-*) IDX files, e.g. ../shared/data/mnist.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Hold out the last N training images as a validation split.
+    #[arg(long, default_value_t = 0)]
+    val: usize,
+    /// Use only the first N images of the training files (before the validation split).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Recipe whose values the other flags override.
+    #[arg(long, value_enum, default_value = "default")]
+    recipe: RecipeArg,
+    /// Passes over the training set.
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Images per mini-batch.
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Learning rate α.
+    #[arg(long)]
+    lr: Option<f32>,
+    /// Momentum β, in [0, 1).
+    #[arg(long)]
+    momentum: Option<f32>,
+    /// L2 weight decay on the weights.
+    #[arg(long)]
+    weight_decay: Option<f32>,
+    /// Random shifts of up to N pixels of each training image (0: none).
+    #[arg(long)]
+    shift: Option<usize>,
+    /// Seed for initialisation, shuffling and augmentation.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Add biases to the conv and both dense layers (the document has none).
+    #[arg(long)]
+    bias: bool,
+    /// Pooling of the conv maps.
+    #[arg(long, value_enum, default_value = "mean")]
+    pooling: PoolArg,
+    /// Hidden-layer activation φ.
+    #[arg(long, value_enum, default_value = "relu")]
+    act: ActArg,
+    /// Activation of the conv maps.
+    #[arg(long, value_enum, default_value = "relu")]
+    conv_act: ActArg,
+    /// Number of kernels.
+    #[arg(long, default_value_t = 20)]
+    kernels: usize,
+    /// Kernel size.
+    #[arg(long, default_value_t = 9)]
+    ksize: usize,
+    /// Pooling window size.
+    #[arg(long, default_value_t = 2)]
+    pool: usize,
+    /// Hidden-layer width.
+    #[arg(long, default_value_t = 100)]
+    hidden: usize,
+    /// Where to save the trained checkpoint (safetensors).
+    #[arg(long, default_value = "mnistconv.safetensors")]
+    out: PathBuf,
+    /// End with one JSON object on stdout (epoch lines go to stderr).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// Checkpoint to evaluate.
+    #[arg(long)]
+    model: PathBuf,
+    /// Data directory (default: the embedded sample).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Which files: t10k-* (test) or train-*.
+    #[arg(long, value_enum, default_value = "test")]
+    split: SplitArg,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// One JSON object instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct GradcheckArgs {
+    /// Coordinates sampled per tensor.
+    #[arg(long, default_value_t = 50)]
+    samples: usize,
+    /// Seed for the weights and the sampled coordinates.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// One JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            for h in hints(&e) {
+                eprintln!("---> HINT: {h}");
+            }
+            let failed_run = matches!(e.downcast_ref::<Error>(), Some(Error::Diverged { .. }));
+            ExitCode::from(if failed_run { 1 } else { 2 })
+        }
+    }
+}
+
+fn hints(e: &anyhow::Error) -> Vec<String> {
+    match e.downcast_ref::<Error>() {
+        Some(Error::MissingFile { .. }) => vec![
+            "MNIST's files are train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz (and t10k-* for the test split)".into(),
+            "Fashion-MNIST: apt-get install dataset-fashion-mnist, then --data /usr/share/datasets/fashion-mnist".into(),
+        ],
+        _ => vec![],
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Train(a) => cmd_train(a),
+        Cmd::Eval(a) => cmd_eval(a),
+        Cmd::Gradcheck(a) => cmd_gradcheck(a),
+    }
+}
+
+/// The training data and the optional test split, from DIR or the embedded sample.
+fn load_data(dir: Option<&Path>) -> anyhow::Result<(Dataset, Option<Dataset>, String)> {
+    Ok(match dir {
+        None => (
+            mnist::embedded::train(),
+            Some(mnist::embedded::test()),
+            "embedded MNIST sample".into(),
+        ),
+        Some(d) => {
+            let train = mnist::load_split(d, Split::Train)?;
+            let test = if mnist::has_split(d, Split::Test) {
+                Some(mnist::load_split(d, Split::Test)?)
+            } else {
+                None
+            };
+            (train, test, d.display().to_string())
+        }
+    })
+}
+
+fn pct(x: f64) -> String {
+    format!("{:.2}%", 100.0 * x)
+}
+
+fn cmd_train(a: TrainArgs) -> anyhow::Result<ExitCode> {
+    let cfg = NetConfig {
+        n_kernels: a.kernels,
+        ksize: a.ksize,
+        pool: a.pool,
+        hidden: a.hidden,
+        conv_act: a.conv_act.into(),
+        act: a.act.into(),
+        pooling: match a.pooling {
+            PoolArg::Mean => Pooling::Mean,
+            PoolArg::Max => Pooling::Max,
+        },
+        bias: a.bias,
+        ..NetConfig::default()
+    };
+    cfg.validate()?;
+    let recipe = match a.recipe {
+        RecipeArg::Book => Recipe::Book,
+        RecipeArg::Default => Recipe::Default,
+    };
+    if recipe == Recipe::Book && a.bias {
+        bail!("--recipe book is the document's bias-free network; drop --bias or use --recipe default");
+    }
+    let mut tc = TrainConfig::for_recipe(recipe);
+    tc.epochs = a.epochs.unwrap_or(tc.epochs);
+    tc.batch = a.batch.unwrap_or(tc.batch);
+    tc.lr = a.lr.unwrap_or(tc.lr);
+    tc.momentum = a.momentum.unwrap_or(tc.momentum);
+    tc.weight_decay = a.weight_decay.unwrap_or(tc.weight_decay);
+    tc.shift = a.shift.unwrap_or(tc.shift);
+    tc.seed = a.seed.unwrap_or(tc.seed);
+    tc.threads = a.threads.unwrap_or(0);
+    if a.threads == Some(0) {
+        bail!("--threads must be at least 1 (leave it out to use every core)");
+    }
+    tc.validate()?;
+
+    let (mut all, test, source) = load_data(a.data.as_deref())?;
+    if let Some(l) = a.limit {
+        if l == 0 {
+            bail!("--limit must be at least 1");
+        }
+        all = all.slice(0..l.min(all.len()));
+    }
+    if a.val >= all.len() {
+        bail!(
+            "--val {} leaves no training images ({} images{})",
+            a.val,
+            all.len(),
+            if a.limit.is_some() { " after --limit" } else { "" }
+        );
+    }
+    let split = all.len() - a.val;
+    let train_set = all.slice(0..split);
+    let val_set = (a.val > 0).then(|| all.slice(split..all.len()));
+    train_set.check_fits(cfg.img, cfg.classes, &source)?;
+    if let Some(t) = &test {
+        t.check_fits(cfg.img, cfg.classes, &format!("{source} (test split)"))?;
+    }
+
+    let say = |s: String| {
+        if a.json {
+            eprintln!("{s}")
+        } else {
+            println!("{s}")
+        }
+    };
+    say(format!(
+        "training on {} images from {source} ({} for validation{}), recipe {:?}: {} epochs, batch {}, lr {}, momentum {}",
+        train_set.len(),
+        a.val,
+        if test.is_some() { ", test split present" } else { "" },
+        recipe,
+        tc.epochs,
+        tc.batch,
+        tc.lr,
+        tc.momentum
+    ));
+    let mut params = Params::init(&cfg, tc.init, tc.seed);
+    let history = train::train(
+        &cfg,
+        &tc,
+        &mut params,
+        &train_set,
+        val_set.as_ref(),
+        test.as_ref(),
+        |s: &EpochStats| {
+            let mut line = format!(
+                "epoch {:>2}/{}  loss {:.4}  train {}",
+                s.epoch,
+                tc.epochs,
+                s.train_loss,
+                pct(s.train_accuracy)
+            );
+            if let Some(v) = s.val_accuracy {
+                line += &format!("  val {}", pct(v));
+            }
+            if let Some(t) = s.test_accuracy {
+                line += &format!("  test {}", pct(t));
+            }
+            line += &format!("  {:.1} s  {:.0} img/s", s.seconds, s.images_per_second);
+            say(line);
+        },
+    )?;
+    let model = Model {
+        cfg,
+        params,
+        meta: [
+            ("recipe".to_string(), serde_json::to_string(&tc).expect("serialises")),
+            ("data".to_string(), source.clone()),
+        ]
+        .into(),
+    };
+    checkpoint::save(&a.out, &model).with_context(|| format!("saving the model to {}", a.out.display()))?;
+    let last = history.last().expect("at least one epoch");
+    let train_seconds: f64 = history.iter().map(|s| s.seconds).sum();
+    let ips = (train_set.len() * history.len()) as f64 / train_seconds;
+    if a.json {
+        println!(
+            "{}",
+            json!({
+                "epochs": history.len(),
+                "train_seconds": train_seconds,
+                "images_per_second": ips,
+                "final_train_loss": last.train_loss,
+                "val_accuracy": last.val_accuracy,
+                "test_accuracy": last.test_accuracy,
+                "model": a.out,
+                "history": history,
+            })
+        );
+    } else {
+        println!(
+            "saved {} ({} epochs, {:.1} s of training, {:.0} images/s)",
+            a.out.display(),
+            history.len(),
+            train_seconds,
+            ips
+        );
+        if a.data.is_none() {
+            println!(
+                "hint: this was the 5,000-image sample built into the binary; for full MNIST run\n      mnistconv train --data ../shared/data/mnist --val 10000"
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
+    if a.threads == Some(0) {
+        bail!("--threads must be at least 1 (leave it out to use every core)");
+    }
+    let model = checkpoint::load(&a.model)?;
+    let (data, source) = match (&a.data, a.split) {
+        (None, SplitArg::Test) => (mnist::embedded::test(), "embedded sample, test split".to_string()),
+        (None, SplitArg::Train) => (mnist::embedded::train(), "embedded sample, train split".to_string()),
+        (Some(d), s) => {
+            let split = if s == SplitArg::Test { Split::Test } else { Split::Train };
+            (mnist::load_split(d, split)?, d.display().to_string())
+        }
+    };
+    let ev = train::evaluate(&model, &data, a.threads.unwrap_or(0))?;
+    if a.json {
+        println!("{}", serde_json::to_string(&ev)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{}: accuracy {} on {} images ({source})", a.model.display(), pct(ev.accuracy), ev.n);
+    println!("\nclass  precision  recall");
+    for (c, s) in ev.per_class.iter().enumerate() {
+        println!("{c:>5}  {:>9}  {:>6}", pct(s.precision), pct(s.recall));
+    }
+    println!("\nconfusion (rows = true class, columns = predicted)");
+    print!("     ");
+    for c in 0..ev.confusion.len() {
+        print!("{c:>6}");
+    }
+    println!();
+    for (t, row) in ev.confusion.iter().enumerate() {
+        print!("{t:>5}");
+        for v in row {
+            print!("{v:>6}");
+        }
+        println!();
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_gradcheck(a: GradcheckArgs) -> anyhow::Result<ExitCode> {
+    if a.samples == 0 {
+        bail!("--samples must be at least 1");
+    }
+    let data = mnist::embedded::test();
+    let mut results = Vec::new();
+    for (v, cfg) in gradcheck::variants().iter().enumerate() {
+        // A different real image for each variant.
+        let i = 7 * v;
+        let r = gradcheck::check_variant(cfg, &data.image_f64(i), usize::from(data.labels[i]), a.samples, a.seed + v as u64);
+        results.push(r);
+    }
+    let tol = gradcheck::TOLERANCE;
+    let ok = results.iter().all(|r| r.tensors.iter().all(|t| t.passed(tol)));
+    if a.json {
+        println!("{}", json!({"tolerance": tol, "step": gradcheck::STEP, "passed": ok, "variants": results}));
+    } else {
+        println!(
+            "central differences (4th order, h = {}) vs hand-derived gradients; fail above {tol:e}",
+            gradcheck::STEP
+        );
+        println!("{:<30} {:<12} {:>7} {:>6} {:>12}", "variant (conv/φ/pool/bias)", "tensor", "checked", "kinks", "max rel err");
+        for r in &results {
+            for t in &r.tensors {
+                println!(
+                    "{:<30} {:<12} {:>7} {:>6} {:>12.3e}{}",
+                    r.variant,
+                    t.tensor,
+                    t.checked,
+                    t.kinks,
+                    t.max_rel_error,
+                    if t.passed(tol) { "" } else { "  FAIL" }
+                );
+            }
+        }
+        println!("{}", if ok { "all gradients agree" } else { "GRADIENT CHECK FAILED" });
+    }
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
