@@ -51,7 +51,10 @@ pub fn to_bytes(model: &Model) -> Result<Vec<u8>> {
         .iter()
         .map(|(n, b)| {
             let shape = tensor_shape(&model.cfg, n).expect("known tensor");
-            (*n, TensorView::new(Dtype::F32, shape, b).expect("sizes agree"))
+            (
+                *n,
+                TensorView::new(Dtype::F32, shape, b).expect("sizes agree"),
+            )
         })
         .collect();
     safetensors::serialize(views, Some(meta))
@@ -79,7 +82,9 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Model> {
         .map_err(|e| bad(format!("not a safetensors checkpoint ({e})")))?;
     let meta = header.metadata().clone().unwrap_or_default();
     if let Some(v) = meta.get("format_version") {
-        let v: u32 = v.parse().map_err(|_| bad(format!("format_version {v:?} is not a number")))?;
+        let v: u32 = v
+            .parse()
+            .map_err(|_| bad(format!("format_version {v:?} is not a number")))?;
         if v > FORMAT_VERSION {
             return Err(bad(format!(
                 "format version {v} is newer than this build reads ({FORMAT_VERSION})"
@@ -88,13 +93,15 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Model> {
     }
     let from_meta = meta.contains_key("config");
     let cfg: NetConfig = match meta.get("config") {
-        Some(c) => serde_json::from_str(c).map_err(|e| bad(format!("metadata config is not valid: {e}")))?,
+        Some(c) => serde_json::from_str(c)
+            .map_err(|e| bad(format!("metadata config is not valid: {e}")))?,
         None => NetConfig {
             bias: st.names().contains(&"conv.bias"),
             ..NetConfig::default()
         },
     };
-    cfg.validate().map_err(|e| bad(format!("metadata config: {e}")))?;
+    cfg.validate()
+        .map_err(|e| bad(format!("metadata config: {e}")))?;
     let mut params = Params::<f32>::zeros(&cfg);
     let expected: Vec<&str> = params.tensors().iter().map(|t| t.0).collect();
     for name in st.names() {
@@ -106,13 +113,22 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Model> {
         }
     }
     for (name, dst) in params.tensors_mut() {
-        let t = st.tensor(name).map_err(|_| bad(format!("missing tensor {name:?}")))?;
+        let t = st
+            .tensor(name)
+            .map_err(|_| bad(format!("missing tensor {name:?}")))?;
         if t.dtype() != Dtype::F32 {
-            return Err(bad(format!("tensor {name}: dtype {:?}, expected F32", t.dtype())));
+            return Err(bad(format!(
+                "tensor {name}: dtype {:?}, expected F32",
+                t.dtype()
+            )));
         }
         let want = tensor_shape(&cfg, name).expect("known tensor");
         if t.shape() != want.as_slice() {
-            let why = if from_meta { " (as the metadata's config says)" } else { "" };
+            let why = if from_meta {
+                " (as the metadata's config says)"
+            } else {
+                ""
+            };
             return Err(bad(format!(
                 "tensor {name}: shape {:?}, expected {want:?}{why}",
                 t.shape()
@@ -122,7 +138,10 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Model> {
             *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
         }
         if let Some(i) = dst.iter().position(|v| !v.is_finite()) {
-            return Err(bad(format!("tensor {name}: element {i} is {} (not finite)", dst[i])));
+            return Err(bad(format!(
+                "tensor {name}: element {i} is {} (not finite)",
+                dst[i]
+            )));
         }
     }
     let meta = meta
@@ -159,12 +178,19 @@ mod tests {
 
     #[test]
     fn refuses_garbage_and_nan() {
-        let e = from_bytes(b"hello world, not safetensors", Path::new("g")).unwrap_err().to_string();
+        let e = from_bytes(b"hello world, not safetensors", Path::new("g"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not a safetensors"), "{e}");
         let cfg = NetConfig::default();
         let mut params = Params::init(&cfg, Init::He, 3);
         params.w[5] = f32::NAN;
-        let b = to_bytes(&Model { cfg, params, meta: HashMap::new() }).unwrap();
+        let b = to_bytes(&Model {
+            cfg,
+            params,
+            meta: HashMap::new(),
+        })
+        .unwrap();
         let e = from_bytes(&b, Path::new("n")).unwrap_err().to_string();
         assert!(e.contains("fc2.weight") && e.contains("not finite"), "{e}");
     }

@@ -197,8 +197,14 @@ impl NetConfig {
         if self.classes < 2 {
             return bad(format!("classes must be at least 2, got {}", self.classes));
         }
-        if self.img > 1024 || self.n_kernels > 4096 || self.hidden > 1 << 16 || self.classes > 1 << 16 {
-            return bad("sizes too large (img ≤ 1024, n_kernels ≤ 4096, hidden and classes ≤ 65536)".into());
+        if self.img > 1024
+            || self.n_kernels > 4096
+            || self.hidden > 1 << 16
+            || self.classes > 1 << 16
+        {
+            return bad(
+                "sizes too large (img ≤ 1024, n_kernels ≤ 4096, hidden and classes ≤ 65536)".into(),
+            );
         }
         if self.ksize > self.img {
             return bad(format!(
@@ -207,7 +213,7 @@ impl NetConfig {
             ));
         }
         let conv = self.conv();
-        if conv % self.pool != 0 {
+        if !conv.is_multiple_of(self.pool) {
             return bad(format!(
                 "pool size {} does not divide the conv map side {} (= img {} − ksize {} + 1)",
                 self.pool, conv, self.img, self.ksize

@@ -38,8 +38,14 @@ pub enum Error {
         got: Vec<usize>,
     },
     /// Training diverged: the loss or a weight stopped being finite.
-    #[error("training diverged at epoch {epoch}, step {step}: {what}; try a lower learning rate (--lr)")]
-    Diverged { epoch: usize, step: usize, what: String },
+    #[error(
+        "training diverged at epoch {epoch}, step {step}: {what}; try a lower learning rate (--lr)"
+    )]
+    Diverged {
+        epoch: usize,
+        step: usize,
+        what: String,
+    },
     /// Data that does not fit the model (image size, label range).
     #[error("{0}")]
     Data(String),

@@ -66,7 +66,14 @@ impl ChunkWork {
             cols: vec![0.0; m * pp * kk],
             z: vec![0.0; n * m * pp],
             y2: vec![0.0; m * f],
-            argmax: vec![0; if cfg.pooling == Pooling::Max { m * f } else { 0 }],
+            argmax: vec![
+                0;
+                if cfg.pooling == Pooling::Max {
+                    m * f
+                } else {
+                    0
+                }
+            ],
             y1: vec![0.0; m * h],
             p: vec![0.0; m * c],
             dv: vec![0.0; m * c],
@@ -131,7 +138,12 @@ pub fn forward_backward(
     grads: &mut Grads<f32>,
 ) -> BatchStats {
     let b = idx.len();
-    assert!(b.div_ceil(CHUNK) <= ws.chunks.len(), "workspace for {} chunks, batch needs {}", ws.chunks.len(), b.div_ceil(CHUNK));
+    assert!(
+        b.div_ceil(CHUNK) <= ws.chunks.len(),
+        "workspace for {} chunks, batch needs {}",
+        ws.chunks.len(),
+        b.div_ceil(CHUNK)
+    );
     let scale = 1.0 / b as f32;
     ws.chunks
         .par_iter_mut()
@@ -190,10 +202,23 @@ pub fn forward_batch(
 }
 
 /// im2col + conv GEMM + activation + pooling + both dense layers + softmax for one chunk.
-fn forward_chunk(cfg: &NetConfig, p: &Params<f32>, images: &[u8], ids: &[usize], w: &mut ChunkWork) {
+fn forward_chunk(
+    cfg: &NetConfig,
+    p: &Params<f32>,
+    images: &[u8],
+    ids: &[usize],
+    w: &mut ChunkWork,
+) {
     let m = ids.len();
     let (img, ks, conv) = (cfg.img, cfg.ksize, cfg.conv());
-    let (kk, pp, nk, f, h, c) = (ks * ks, conv * conv, cfg.n_kernels, cfg.flat(), cfg.hidden, cfg.classes);
+    let (kk, pp, nk, f, h, c) = (
+        ks * ks,
+        conv * conv,
+        cfg.n_kernels,
+        cfg.flat(),
+        cfg.hidden,
+        cfg.classes,
+    );
     let px = img * img;
 
     // cols: (m·P, KK)
@@ -350,7 +375,14 @@ fn pool_forward(cfg: &NetConfig, m: usize, y_m3: &[f32], y2: &mut [f32], amax: &
 
 /// Re-pooling (backward of [`pool_forward`]) times the conv activation's derivative:
 /// `dz[n][e][r][c] = dy2[e][n][r/p][c/p] / p² · act'(y_m3)` (mean), or routed to the arg-max (max).
-fn pool_backward(cfg: &NetConfig, m: usize, dy2: &[f32], amax: &[u32], y_m3: &[f32], dz: &mut [f32]) {
+fn pool_backward(
+    cfg: &NetConfig,
+    m: usize,
+    dy2: &[f32],
+    amax: &[u32],
+    y_m3: &[f32],
+    dz: &mut [f32],
+) {
     let (conv, ps, pooled, nk) = (cfg.conv(), cfg.pool, cfg.pooled(), cfg.n_kernels);
     let (pp, f) = (conv * conv, cfg.flat());
     let dz = &mut dz[..nk * m * pp];
@@ -362,7 +394,8 @@ fn pool_backward(cfg: &NetConfig, m: usize, dy2: &[f32], amax: &[u32], y_m3: &[f
                     let map = (n * m + e) * pp;
                     for r in 0..conv {
                         for c in 0..conv {
-                            dz[map + r * conv + c] = dy2[e * f + (n * pooled + r / ps) * pooled + c / ps] * inv;
+                            dz[map + r * conv + c] =
+                                dy2[e * f + (n * pooled + r / ps) * pooled + c / ps] * inv;
                         }
                     }
                 }
@@ -383,10 +416,24 @@ fn pool_backward(cfg: &NetConfig, m: usize, dy2: &[f32], amax: &[u32], y_m3: &[f
 }
 
 /// Backward for one chunk whose forward is done; `scale = 1/B` makes the batch gradient a mean.
-fn backward_chunk(cfg: &NetConfig, p: &Params<f32>, labels: &[u8], ids: &[usize], w: &mut ChunkWork, scale: f32) {
+fn backward_chunk(
+    cfg: &NetConfig,
+    p: &Params<f32>,
+    labels: &[u8],
+    ids: &[usize],
+    w: &mut ChunkWork,
+    scale: f32,
+) {
     let m = ids.len();
     let (ks, conv) = (cfg.ksize, cfg.conv());
-    let (kk, pp, nk, f, h, c) = (ks * ks, conv * conv, cfg.n_kernels, cfg.flat(), cfg.hidden, cfg.classes);
+    let (kk, pp, nk, f, h, c) = (
+        ks * ks,
+        conv * conv,
+        cfg.n_kernels,
+        cfg.flat(),
+        cfg.hidden,
+        cfg.classes,
+    );
     score_chunk(cfg, labels, ids, w);
     // dv: (m, C) = (y − d) / B
     for (e, &id) in ids.iter().enumerate() {
@@ -398,26 +445,75 @@ fn backward_chunk(cfg: &NetConfig, p: &Params<f32>, labels: &[u8], ids: &[usize]
     }
     let g = &mut w.grads;
     // dw: (C, H) = dvᵀ · y1
-    gemm(1.0, &w.dv, Layout::transposed(c, m), &w.y1, Layout::row_major(m, h), 0.0, &mut g.w, Layout::row_major(c, h));
+    gemm(
+        1.0,
+        &w.dv,
+        Layout::transposed(c, m),
+        &w.y1,
+        Layout::row_major(m, h),
+        0.0,
+        &mut g.w,
+        Layout::row_major(c, h),
+    );
     col_sums(&w.dv[..m * c], c, &mut g.b);
     // dv1: (m, H) = (dv · w) ⊙ φ'(y1)
-    gemm(1.0, &w.dv, Layout::row_major(m, c), &p.w, Layout::row_major(c, h), 0.0, &mut w.dv1, Layout::row_major(m, h));
+    gemm(
+        1.0,
+        &w.dv,
+        Layout::row_major(m, c),
+        &p.w,
+        Layout::row_major(c, h),
+        0.0,
+        &mut w.dv1,
+        Layout::row_major(m, h),
+    );
     for (d, &y) in w.dv1[..m * h].iter_mut().zip(&w.y1) {
         *d *= cfg.act.deriv_from_output_f32(y);
     }
     // dw_m1: (H, F) = dv1ᵀ · y2
-    gemm(1.0, &w.dv1, Layout::transposed(h, m), &w.y2, Layout::row_major(m, f), 0.0, &mut g.w_m1, Layout::row_major(h, f));
+    gemm(
+        1.0,
+        &w.dv1,
+        Layout::transposed(h, m),
+        &w.y2,
+        Layout::row_major(m, f),
+        0.0,
+        &mut g.w_m1,
+        Layout::row_major(h, f),
+    );
     col_sums(&w.dv1[..m * h], h, &mut g.b_m1);
     // dy2: (m, F) = dv1 · w_m1
-    gemm(1.0, &w.dv1, Layout::row_major(m, h), &p.w_m1, Layout::row_major(h, f), 0.0, &mut w.dy2, Layout::row_major(m, f));
+    gemm(
+        1.0,
+        &w.dv1,
+        Layout::row_major(m, h),
+        &p.w_m1,
+        Layout::row_major(h, f),
+        0.0,
+        &mut w.dy2,
+        Layout::row_major(m, f),
+    );
     // dz: (N, m·P) = repool(dy2) ⊙ act'(y_m3)
     pool_backward(cfg, m, &w.dy2, &w.argmax, &w.z, &mut w.dz);
     // dk: (N, KK) = dz · cols
     let mp = m * pp;
-    gemm(1.0, &w.dz, Layout::row_major(nk, mp), &w.cols, Layout::row_major(mp, kk), 0.0, &mut g.k, Layout::row_major(nk, kk));
+    gemm(
+        1.0,
+        &w.dz,
+        Layout::row_major(nk, mp),
+        &w.cols,
+        Layout::row_major(mp, kk),
+        0.0,
+        &mut g.k,
+        Layout::row_major(nk, kk),
+    );
     if !g.bk.is_empty() {
         for (n, b) in g.bk.iter_mut().enumerate() {
-            *b = w.dz[n * mp..(n + 1) * mp].iter().sum();
+            // Summed in f64: a map row has m·P terms (thousands), too many for a plain f32 sum.
+            *b = w.dz[n * mp..(n + 1) * mp]
+                .iter()
+                .map(|&v| f64::from(v))
+                .sum::<f64>() as f32;
         }
     }
 }

@@ -163,7 +163,13 @@ pub fn variant_name(cfg: &NetConfig) -> String {
 
 /// Runs the check for one variant on one image with He-initialised weights from `seed`.
 /// Biases, which start at 0, get small random values so their gradients are exercised generally.
-pub fn check_variant(cfg: &NetConfig, x: &[f64], label: usize, samples: usize, seed: u64) -> VariantCheck {
+pub fn check_variant(
+    cfg: &NetConfig,
+    x: &[f64],
+    label: usize,
+    samples: usize,
+    seed: u64,
+) -> VariantCheck {
     let mut params = Params::init_f64(cfg, crate::params::Init::He, seed);
     let mut i = 0u64;
     for b in [&mut params.bk, &mut params.b_m1, &mut params.b] {

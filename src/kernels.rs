@@ -63,7 +63,17 @@ impl Layout {
 /// # Panics
 /// If a layout reaches outside its slice, if the inner dimensions differ, or if `C`'s layout
 /// could make two elements share memory.
-pub fn gemm(alpha: f32, a: &[f32], la: Layout, b: &[f32], lb: Layout, beta: f32, c: &mut [f32], lc: Layout) {
+#[allow(clippy::too_many_arguments)] // the BLAS signature: (α, A, B, β, C) with layouts
+pub fn gemm(
+    alpha: f32,
+    a: &[f32],
+    la: Layout,
+    b: &[f32],
+    lb: Layout,
+    beta: f32,
+    c: &mut [f32],
+    lc: Layout,
+) {
     check_shapes(a, la, b, lb, c, lc);
     let (m, k, n) = (la.rows, la.cols, lb.cols);
     if m == 0 || n == 0 {
@@ -95,7 +105,17 @@ pub fn gemm(alpha: f32, a: &[f32], la: Layout, b: &[f32], lb: Layout, beta: f32,
 }
 
 /// The reference for [`gemm`]: the plain triple loop, summing over `k` in order.
-pub fn gemm_naive(alpha: f32, a: &[f32], la: Layout, b: &[f32], lb: Layout, beta: f32, c: &mut [f32], lc: Layout) {
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_naive(
+    alpha: f32,
+    a: &[f32],
+    la: Layout,
+    b: &[f32],
+    lb: Layout,
+    beta: f32,
+    c: &mut [f32],
+    lc: Layout,
+) {
     check_shapes(a, la, b, lb, c, lc);
     for i in 0..la.rows {
         for j in 0..lb.cols {
@@ -104,13 +124,21 @@ pub fn gemm_naive(alpha: f32, a: &[f32], la: Layout, b: &[f32], lb: Layout, beta
                 s += a[i * la.rs + p * la.cs] * b[p * lb.rs + j * lb.cs];
             }
             let cij = &mut c[i * lc.rs + j * lc.cs];
-            *cij = if beta == 0.0 { alpha * s } else { alpha * s + beta * *cij };
+            *cij = if beta == 0.0 {
+                alpha * s
+            } else {
+                alpha * s + beta * *cij
+            };
         }
     }
 }
 
 fn check_shapes(a: &[f32], la: Layout, b: &[f32], lb: Layout, c: &[f32], lc: Layout) {
-    assert_eq!(la.cols, lb.rows, "gemm: inner dimensions differ ({} vs {})", la.cols, lb.rows);
+    assert_eq!(
+        la.cols, lb.rows,
+        "gemm: inner dimensions differ ({} vs {})",
+        la.cols, lb.rows
+    );
     assert!(
         lc.rows == la.rows && lc.cols == lb.cols,
         "gemm: C is {}×{}, A·B is {}×{}",
@@ -125,7 +153,11 @@ fn check_shapes(a: &[f32], la: Layout, b: &[f32], lb: Layout, c: &[f32], lc: Lay
     let distinct = (lc.cs == 1 && (lc.rows <= 1 || lc.rs >= lc.cols))
         || (lc.rs == 1 && (lc.cols <= 1 || lc.cs >= lc.rows))
         || lc.rows * lc.cols <= 1;
-    assert!(distinct, "gemm: C layout (rs {}, cs {}) overlaps itself", lc.rs, lc.cs);
+    assert!(
+        distinct,
+        "gemm: C layout (rs {}, cs {}) overlaps itself",
+        lc.rs, lc.cs
+    );
 }
 
 #[cfg(test)]
@@ -146,13 +178,27 @@ mod tests {
 
     #[test]
     fn gemm_matches_naive_on_all_transpositions_and_awkward_sizes() {
-        for &(m, k, n) in &[(1, 1, 1), (7, 81, 20), (13, 5, 33), (100, 2000, 10), (3, 0, 4)] {
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (7, 81, 20),
+            (13, 5, 33),
+            (100, 2000, 10),
+            (3, 0, 4),
+        ] {
             for ta in [false, true] {
                 for tb in [false, true] {
                     let a = rand_vec(m * k, 1);
                     let b = rand_vec(k * n, 2);
-                    let la = if ta { Layout::transposed(m, k) } else { Layout::row_major(m, k) };
-                    let lb = if tb { Layout::transposed(k, n) } else { Layout::row_major(k, n) };
+                    let la = if ta {
+                        Layout::transposed(m, k)
+                    } else {
+                        Layout::row_major(m, k)
+                    };
+                    let lb = if tb {
+                        Layout::transposed(k, n)
+                    } else {
+                        Layout::row_major(k, n)
+                    };
                     let lc = Layout::row_major(m, n);
                     let c0 = rand_vec(m * n, 3);
                     for beta in [0.0, 1.0] {
@@ -160,7 +206,10 @@ mod tests {
                         gemm(0.5, &a, la, &b, lb, beta, &mut c1, lc);
                         gemm_naive(0.5, &a, la, &b, lb, beta, &mut c2, lc);
                         for (x, y) in c1.iter().zip(&c2) {
-                            assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{m}x{k}x{n} {x} vs {y}");
+                            assert!(
+                                (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
+                                "{m}x{k}x{n} {x} vs {y}"
+                            );
                         }
                     }
                 }
@@ -172,6 +221,15 @@ mod tests {
     #[should_panic(expected = "needs")]
     fn out_of_bounds_layout_panics() {
         let mut c = vec![0.0; 4];
-        gemm(1.0, &[0.0; 3], Layout::row_major(2, 2), &[0.0; 4], Layout::row_major(2, 2), 0.0, &mut c, Layout::row_major(2, 2));
+        gemm(
+            1.0,
+            &[0.0; 3],
+            Layout::row_major(2, 2),
+            &[0.0; 4],
+            Layout::row_major(2, 2),
+            0.0,
+            &mut c,
+            Layout::row_major(2, 2),
+        );
     }
 }

@@ -88,13 +88,13 @@ struct TrainArgs {
     #[arg(long)]
     batch: Option<usize>,
     /// Learning rate α.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     lr: Option<f32>,
     /// Momentum β, in [0, 1).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     momentum: Option<f32>,
     /// L2 weight decay on the weights.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     weight_decay: Option<f32>,
     /// Random shifts of up to N pixels of each training image (0: none).
     #[arg(long)]
@@ -253,7 +253,9 @@ fn cmd_train(a: TrainArgs) -> anyhow::Result<ExitCode> {
         RecipeArg::Default => Recipe::Default,
     };
     if recipe == Recipe::Book && a.bias {
-        bail!("--recipe book is the document's bias-free network; drop --bias or use --recipe default");
+        bail!(
+            "--recipe book is the document's bias-free network; drop --bias or use --recipe default"
+        );
     }
     let mut tc = TrainConfig::for_recipe(recipe);
     tc.epochs = a.epochs.unwrap_or(tc.epochs);
@@ -281,7 +283,11 @@ fn cmd_train(a: TrainArgs) -> anyhow::Result<ExitCode> {
             "--val {} leaves no training images ({} images{})",
             a.val,
             all.len(),
-            if a.limit.is_some() { " after --limit" } else { "" }
+            if a.limit.is_some() {
+                " after --limit"
+            } else {
+                ""
+            }
         );
     }
     let split = all.len() - a.val;
@@ -303,7 +309,11 @@ fn cmd_train(a: TrainArgs) -> anyhow::Result<ExitCode> {
         "training on {} images from {source} ({} for validation{}), recipe {:?}: {} epochs, batch {}, lr {}, momentum {}",
         train_set.len(),
         a.val,
-        if test.is_some() { ", test split present" } else { "" },
+        if test.is_some() {
+            ", test split present"
+        } else {
+            ""
+        },
         recipe,
         tc.epochs,
         tc.batch,
@@ -340,12 +350,16 @@ fn cmd_train(a: TrainArgs) -> anyhow::Result<ExitCode> {
         cfg,
         params,
         meta: [
-            ("recipe".to_string(), serde_json::to_string(&tc).expect("serialises")),
+            (
+                "recipe".to_string(),
+                serde_json::to_string(&tc).expect("serialises"),
+            ),
             ("data".to_string(), source.clone()),
         ]
         .into(),
     };
-    checkpoint::save(&a.out, &model).with_context(|| format!("saving the model to {}", a.out.display()))?;
+    checkpoint::save(&a.out, &model)
+        .with_context(|| format!("saving the model to {}", a.out.display()))?;
     let last = history.last().expect("at least one epoch");
     let train_seconds: f64 = history.iter().map(|s| s.seconds).sum();
     let ips = (train_set.len() * history.len()) as f64 / train_seconds;
@@ -386,10 +400,20 @@ fn cmd_eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
     }
     let model = checkpoint::load(&a.model)?;
     let (data, source) = match (&a.data, a.split) {
-        (None, SplitArg::Test) => (mnist::embedded::test(), "embedded sample, test split".to_string()),
-        (None, SplitArg::Train) => (mnist::embedded::train(), "embedded sample, train split".to_string()),
+        (None, SplitArg::Test) => (
+            mnist::embedded::test(),
+            "embedded sample, test split".to_string(),
+        ),
+        (None, SplitArg::Train) => (
+            mnist::embedded::train(),
+            "embedded sample, train split".to_string(),
+        ),
         (Some(d), s) => {
-            let split = if s == SplitArg::Test { Split::Test } else { Split::Train };
+            let split = if s == SplitArg::Test {
+                Split::Test
+            } else {
+                Split::Train
+            };
             (mnist::load_split(d, split)?, d.display().to_string())
         }
     };
@@ -398,7 +422,12 @@ fn cmd_eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string(&ev)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{}: accuracy {} on {} images ({source})", a.model.display(), pct(ev.accuracy), ev.n);
+    println!(
+        "{}: accuracy {} on {} images ({source})",
+        a.model.display(),
+        pct(ev.accuracy),
+        ev.n
+    );
     println!("\nclass  precision  recall");
     for (c, s) in ev.per_class.iter().enumerate() {
         println!("{c:>5}  {:>9}  {:>6}", pct(s.precision), pct(s.recall));
@@ -428,19 +457,33 @@ fn cmd_gradcheck(a: GradcheckArgs) -> anyhow::Result<ExitCode> {
     for (v, cfg) in gradcheck::variants().iter().enumerate() {
         // A different real image for each variant.
         let i = 7 * v;
-        let r = gradcheck::check_variant(cfg, &data.image_f64(i), usize::from(data.labels[i]), a.samples, a.seed + v as u64);
+        let r = gradcheck::check_variant(
+            cfg,
+            &data.image_f64(i),
+            usize::from(data.labels[i]),
+            a.samples,
+            a.seed + v as u64,
+        );
         results.push(r);
     }
     let tol = gradcheck::TOLERANCE;
-    let ok = results.iter().all(|r| r.tensors.iter().all(|t| t.passed(tol)));
+    let ok = results
+        .iter()
+        .all(|r| r.tensors.iter().all(|t| t.passed(tol)));
     if a.json {
-        println!("{}", json!({"tolerance": tol, "step": gradcheck::STEP, "passed": ok, "variants": results}));
+        println!(
+            "{}",
+            json!({"tolerance": tol, "step": gradcheck::STEP, "passed": ok, "variants": results})
+        );
     } else {
         println!(
             "central differences (4th order, h = {}) vs hand-derived gradients; fail above {tol:e}",
             gradcheck::STEP
         );
-        println!("{:<30} {:<12} {:>7} {:>6} {:>12}", "variant (conv/φ/pool/bias)", "tensor", "checked", "kinks", "max rel err");
+        println!(
+            "{:<30} {:<12} {:>7} {:>6} {:>12}",
+            "variant (conv/φ/pool/bias)", "tensor", "checked", "kinks", "max rel err"
+        );
         for r in &results {
             for t in &r.tensors {
                 println!(
@@ -454,7 +497,18 @@ fn cmd_gradcheck(a: GradcheckArgs) -> anyhow::Result<ExitCode> {
                 );
             }
         }
-        println!("{}", if ok { "all gradients agree" } else { "GRADIENT CHECK FAILED" });
+        println!(
+            "{}",
+            if ok {
+                "all gradients agree"
+            } else {
+                "GRADIENT CHECK FAILED"
+            }
+        );
     }
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

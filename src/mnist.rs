@@ -47,7 +47,10 @@ impl Dataset {
     }
     /// Image `i` scaled to [0, 1] in f64 (for the reference path).
     pub fn image_f64(&self, i: usize) -> Vec<f64> {
-        self.image(i).iter().map(|&v| f64::from(v) / 255.0).collect()
+        self.image(i)
+            .iter()
+            .map(|&v| f64::from(v) / 255.0)
+            .collect()
     }
     /// Images `range` as a new dataset.
     pub fn slice(&self, range: std::ops::Range<usize>) -> Dataset {
@@ -145,7 +148,11 @@ pub fn load_split(dir: &Path, split: Split) -> Result<Dataset> {
     if labels.len() != n {
         return Err(Error::idx(
             &lp,
-            format!("{} labels, but {} has {n} images", labels.len(), ip.display()),
+            format!(
+                "{} labels, but {} has {n} images",
+                labels.len(),
+                ip.display()
+            ),
         ));
     }
     Ok(Dataset {
@@ -183,31 +190,36 @@ pub fn read_labels(path: &Path) -> Result<Vec<u8>> {
 
 /// Parses IDX image bytes from any reader (already decompressed). `path` names the source in errors.
 pub fn parse_images(mut r: impl Read, path: &Path) -> Result<(Vec<u8>, usize, usize, usize)> {
-    let h = read_header(&mut r, path, 4)?;
-    if h[0] != IMAGES_MAGIC {
-        return Err(bad_magic(path, h[0], IMAGES_MAGIC, "image"));
-    }
+    let h = read_header(&mut r, path, 4, IMAGES_MAGIC, "image")?;
     let (n, rows, cols) = (u64::from(h[1]), u64::from(h[2]), u64::from(h[3]));
     if rows == 0 || cols == 0 || rows > 4096 || cols > 4096 {
-        return Err(Error::idx(path, format!("implausible image size {rows}×{cols}")));
+        return Err(Error::idx(
+            path,
+            format!("implausible image size {rows}×{cols}"),
+        ));
     }
     let total = n
         .checked_mul(rows * cols)
         .filter(|&t| t <= MAX_ITEMS)
-        .ok_or_else(|| Error::idx(path, format!("header claims {n} images of {rows}×{cols}: too large")))?;
+        .ok_or_else(|| {
+            Error::idx(
+                path,
+                format!("header claims {n} images of {rows}×{cols}: too large"),
+            )
+        })?;
     let data = read_exact_bounded(r, total, path, &format!("{n} images of {rows}×{cols}"))?;
     Ok((data, n as usize, rows as usize, cols as usize))
 }
 
 /// Parses IDX label bytes from any reader (already decompressed).
 pub fn parse_labels(mut r: impl Read, path: &Path) -> Result<Vec<u8>> {
-    let h = read_header(&mut r, path, 2)?;
-    if h[0] != LABELS_MAGIC {
-        return Err(bad_magic(path, h[0], LABELS_MAGIC, "label"));
-    }
+    let h = read_header(&mut r, path, 2, LABELS_MAGIC, "label")?;
     let n = u64::from(h[1]);
     if n > MAX_ITEMS {
-        return Err(Error::idx(path, format!("header claims {n} labels: too large")));
+        return Err(Error::idx(
+            path,
+            format!("header claims {n} labels: too large"),
+        ));
     }
     read_exact_bounded(r, n, path, &format!("{n} labels"))
 }
@@ -224,12 +236,32 @@ fn bad_magic(path: &Path, got: u32, want: u32, what: &str) -> Error {
     )
 }
 
-fn read_header(r: &mut impl Read, path: &Path, words: usize) -> Result<Vec<u32>> {
+/// Reads the magic number (checked first, so a wrong file type is named as such) and then the
+/// rest of a `words`-word header.
+fn read_header(
+    r: &mut impl Read,
+    path: &Path,
+    words: usize,
+    magic: u32,
+    what: &str,
+) -> Result<Vec<u32>> {
     let mut buf = vec![0u8; 4 * words];
-    let got = read_full(r, &mut buf, path)?;
+    let got = read_full(r, &mut buf[..4], path)?;
     if got == 0 {
         return Err(Error::idx(path, "empty file"));
     }
+    if got == 4 {
+        let m = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+        if m != magic {
+            return Err(bad_magic(path, m, magic, what));
+        }
+    }
+    let got = got
+        + if got == 4 {
+            read_full(r, &mut buf[4..], path)?
+        } else {
+            0
+        };
     if got < buf.len() {
         return Err(Error::idx(
             path,
@@ -258,9 +290,9 @@ fn read_full(r: &mut impl Read, buf: &mut [u8], path: &Path) -> Result<usize> {
 
 fn read_error(path: &Path, e: std::io::Error) -> Error {
     match e.kind() {
-        std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof => {
-            Error::idx(path, format!("corrupt gzip data: {e}"))
-        }
+        std::io::ErrorKind::InvalidInput
+        | std::io::ErrorKind::InvalidData
+        | std::io::ErrorKind::UnexpectedEof => Error::idx(path, format!("corrupt gzip data: {e}")),
         _ => Error::io(path, e),
     }
 }
@@ -314,8 +346,10 @@ pub fn write_labels(labels: &[u8]) -> Vec<u8> {
 pub mod embedded {
     use super::*;
 
-    const TRAIN_IMAGES: &[u8] = include_bytes!("../fixtures/mnist-sample/train-images-idx3-ubyte.gz");
-    const TRAIN_LABELS: &[u8] = include_bytes!("../fixtures/mnist-sample/train-labels-idx1-ubyte.gz");
+    const TRAIN_IMAGES: &[u8] =
+        include_bytes!("../fixtures/mnist-sample/train-images-idx3-ubyte.gz");
+    const TRAIN_LABELS: &[u8] =
+        include_bytes!("../fixtures/mnist-sample/train-labels-idx1-ubyte.gz");
     const TEST_IMAGES: &[u8] = include_bytes!("../fixtures/mnist-sample/t10k-images-idx3-ubyte.gz");
     const TEST_LABELS: &[u8] = include_bytes!("../fixtures/mnist-sample/t10k-labels-idx1-ubyte.gz");
 
@@ -352,25 +386,36 @@ mod tests {
         let bytes = write_images(2, 3, 4, &px);
         let (got, n, r, c) = parse_images(&bytes[..], Path::new("x")).unwrap();
         assert_eq!((got, n, r, c), (px, 2, 3, 4));
-        assert_eq!(parse_labels(&write_labels(&[3, 1])[..], Path::new("y")).unwrap(), vec![3, 1]);
+        assert_eq!(
+            parse_labels(&write_labels(&[3, 1])[..], Path::new("y")).unwrap(),
+            vec![3, 1]
+        );
     }
 
     #[test]
     fn lying_header_does_not_allocate_and_is_rejected() {
         // 4 billion images claimed by a 16-byte header.
         let bytes = write_images(4_000_000_000, 28, 28, &[]);
-        let e = parse_images(&bytes[..], Path::new("big")).unwrap_err().to_string();
+        let e = parse_images(&bytes[..], Path::new("big"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("too large"), "{e}");
         let bytes = write_images(1000, 28, 28, &[0; 100]);
-        let e = parse_images(&bytes[..], Path::new("short")).unwrap_err().to_string();
+        let e = parse_images(&bytes[..], Path::new("short"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("cut short"), "{e}");
     }
 
     #[test]
     fn wrong_magic_says_which_file_it_is() {
-        let e = parse_images(&write_labels(&[1])[..], Path::new("f")).unwrap_err().to_string();
+        let e = parse_images(&write_labels(&[1])[..], Path::new("f"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("label file"), "{e}");
-        let e = parse_labels(&[][..], Path::new("f")).unwrap_err().to_string();
+        let e = parse_labels(&[][..], Path::new("f"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("empty"), "{e}");
     }
 

@@ -134,7 +134,11 @@ impl Params<f64> {
         match init {
             Init::Book => {
                 normal(&mut rng, &mut p.k, 0.01);
-                uniform(&mut rng, &mut p.w_m1, 6f64.sqrt() / (360.0f64 + 2000.0).sqrt());
+                uniform(
+                    &mut rng,
+                    &mut p.w_m1,
+                    6f64.sqrt() / (360.0f64 + 2000.0).sqrt(),
+                );
                 uniform(&mut rng, &mut p.w, 6f64.sqrt() / (10.0f64 + 100.0).sqrt());
             }
             Init::He => {

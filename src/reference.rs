@@ -196,7 +196,13 @@ pub fn dense_forward(w: &[f64], b: &[f64], x: &[f64]) -> Vec<f64> {
 ///
 /// # Shapes
 /// `w`, `dw`: (out, in); `x`: (in); `dv`: (out); `db`: (out) or empty; returns (in).
-pub fn dense_backward(w: &[f64], x: &[f64], dv: &[f64], dw: &mut [f64], db: &mut [f64]) -> Vec<f64> {
+pub fn dense_backward(
+    w: &[f64],
+    x: &[f64],
+    dv: &[f64],
+    dw: &mut [f64],
+    db: &mut [f64],
+) -> Vec<f64> {
     let inp = x.len();
     let mut dx = vec![0.0; inp];
     for (i, &g) in dv.iter().enumerate() {
@@ -230,7 +236,12 @@ pub fn softmax_xent_forward(v: &[f64], d: &[f64]) -> (Vec<f64>, f64) {
             // log y_i. When v_i is the largest logit, y_i may be within 1e-12 of 1 and
             // `v_i − lse` would lose most digits; −ln(1 + Σ_{n≠i} e^(v_n − v_i)) keeps them.
             let log_yi = if vi == m {
-                let rest: f64 = v.iter().enumerate().filter(|(n, _)| *n != i).map(|(_, &vn)| (vn - vi).exp()).sum();
+                let rest: f64 = v
+                    .iter()
+                    .enumerate()
+                    .filter(|(n, _)| *n != i)
+                    .map(|(_, &vn)| (vn - vi).exp())
+                    .sum();
                 -rest.ln_1p()
             } else {
                 vi - lse
@@ -307,8 +318,18 @@ pub fn one_hot(classes: usize, label: usize) -> Vec<f64> {
 /// # Panics
 /// If `x.len() != img²` or `label ≥ classes` (a caller's bug, not user input).
 pub fn forward(cfg: &NetConfig, p: &Params<f64>, x: &[f64], label: usize) -> Activations {
-    assert_eq!(x.len(), cfg.pixels(), "image has {} pixels, the network takes {}", x.len(), cfg.pixels());
-    assert!(label < cfg.classes, "label {label} ≥ classes {}", cfg.classes);
+    assert_eq!(
+        x.len(),
+        cfg.pixels(),
+        "image has {} pixels, the network takes {}",
+        x.len(),
+        cfg.pixels()
+    );
+    assert!(
+        label < cfg.classes,
+        "label {label} ≥ classes {}",
+        cfg.classes
+    );
     let d = one_hot(cfg.classes, label);
     let conv_pre = conv_forward(cfg, x, &p.k, &p.bk); // (n, conv, conv)
     let y_m3 = act_forward(cfg.conv_act, &conv_pre); // (n, conv, conv)

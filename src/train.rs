@@ -270,7 +270,15 @@ pub fn train(
                     }
                     blab[e] = train.labels[id];
                 }
-                let st = fast::forward_backward(cfg, params, &bimg, &blab, &bidx[..b], &mut ws, &mut grads);
+                let st = fast::forward_backward(
+                    cfg,
+                    params,
+                    &bimg,
+                    &blab,
+                    &bidx[..b],
+                    &mut ws,
+                    &mut grads,
+                );
                 if !st.loss_sum.is_finite() {
                     return Err(Error::Diverged {
                         epoch,
@@ -310,8 +318,20 @@ pub fn train(
 }
 
 /// `m = α·(∂J + λW) + β·m; W = W − m` for every tensor (λ only on weights, not biases).
-pub fn sgd_step(p: &mut Params<f32>, g: &Grads<f32>, m: &mut Grads<f32>, lr: f32, beta: f32, wd: f32) {
-    for (((name, w), (_, gt)), (_, mt)) in p.tensors_mut().into_iter().zip(g.tensors()).zip(m.tensors_mut()) {
+pub fn sgd_step(
+    p: &mut Params<f32>,
+    g: &Grads<f32>,
+    m: &mut Grads<f32>,
+    lr: f32,
+    beta: f32,
+    wd: f32,
+) {
+    for (((name, w), (_, gt)), (_, mt)) in p
+        .tensors_mut()
+        .into_iter()
+        .zip(g.tensors())
+        .zip(m.tensors_mut())
+    {
         let decay = if name.ends_with("weight") { wd } else { 0.0 };
         for ((w, &g), m) in w.iter_mut().zip(gt).zip(mt.iter_mut()) {
             *m = lr * (g + decay * *w) + beta * *m;
@@ -321,13 +341,20 @@ pub fn sgd_step(p: &mut Params<f32>, g: &Grads<f32>, m: &mut Grads<f32>, lr: f32
 }
 
 fn first_non_finite(p: &Params<f32>) -> Option<&'static str> {
-    p.tensors().into_iter().find(|(_, t)| t.iter().any(|v| !v.is_finite())).map(|(n, _)| n)
+    p.tensors()
+        .into_iter()
+        .find(|(_, t)| t.iter().any(|v| !v.is_finite()))
+        .map(|(n, _)| n)
 }
 
 /// Accuracy on `data`, using the current thread pool.
 fn accuracy_in(cfg: &NetConfig, p: &Params<f32>, data: &Dataset) -> f64 {
     let pred = predict_in(cfg, p, data);
-    let ok = pred.iter().zip(&data.labels).filter(|(p, l)| **p == usize::from(**l)).count();
+    let ok = pred
+        .iter()
+        .zip(&data.labels)
+        .filter(|(p, l)| **p == usize::from(**l))
+        .count();
     ok as f64 / data.len().max(1) as f64
 }
 
@@ -386,7 +413,11 @@ pub fn evaluation(classes: usize, pred: &[usize], labels: &[u8]) -> Evaluation {
             let predicted: u64 = (0..classes).map(|t| confusion[t][c]).sum();
             let actual: u64 = confusion[c].iter().sum();
             ClassStats {
-                precision: if predicted > 0 { tp / predicted as f64 } else { 0.0 },
+                precision: if predicted > 0 {
+                    tp / predicted as f64
+                } else {
+                    0.0
+                },
                 recall: if actual > 0 { tp / actual as f64 } else { 0.0 },
             }
         })
@@ -412,7 +443,10 @@ mod tests {
     #[test]
     fn evaluation_by_hand() {
         let e = evaluation(3, &[0, 1, 1, 2, 0], &[0, 1, 2, 2, 1]);
-        assert_eq!(e.confusion, vec![vec![1, 0, 0], vec![1, 1, 0], vec![0, 1, 1]]);
+        assert_eq!(
+            e.confusion,
+            vec![vec![1, 0, 0], vec![1, 1, 0], vec![0, 1, 1]]
+        );
         assert!((e.accuracy - 0.6).abs() < 1e-12);
         assert!((e.per_class[1].precision - 0.5).abs() < 1e-12);
         assert!((e.per_class[2].recall - 0.5).abs() < 1e-12);
@@ -437,11 +471,26 @@ mod tests {
     #[test]
     fn bad_values_are_rejected() {
         for tc in [
-            TrainConfig { batch: 0, ..TrainConfig::book() },
-            TrainConfig { epochs: 0, ..TrainConfig::book() },
-            TrainConfig { lr: f32::NAN, ..TrainConfig::book() },
-            TrainConfig { lr: -1.0, ..TrainConfig::book() },
-            TrainConfig { momentum: 1.0, ..TrainConfig::book() },
+            TrainConfig {
+                batch: 0,
+                ..TrainConfig::book()
+            },
+            TrainConfig {
+                epochs: 0,
+                ..TrainConfig::book()
+            },
+            TrainConfig {
+                lr: f32::NAN,
+                ..TrainConfig::book()
+            },
+            TrainConfig {
+                lr: -1.0,
+                ..TrainConfig::book()
+            },
+            TrainConfig {
+                momentum: 1.0,
+                ..TrainConfig::book()
+            },
         ] {
             assert!(tc.validate().is_err(), "{tc:?}");
         }

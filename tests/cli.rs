@@ -1,0 +1,238 @@
+//! Drives the `mnistconv` binary: training, evaluation, gradcheck, determinism, and the usage
+//! errors (exit code 2, one clear line, no panic).
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_mnistconv"))
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("mnistconv-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().expect("binary runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn last_json(o: &Output) -> serde_json::Value {
+    let out = stdout(o);
+    let line = out.lines().last().expect("some output");
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {line}"))
+}
+
+#[test]
+fn train_then_eval_on_the_embedded_sample() {
+    let d = tmpdir("train");
+    let model = d.join("m.safetensors");
+    let m = model.to_str().unwrap();
+    let o = run(&[
+        "train", "--epochs", "3", "--limit", "3000", "--val", "500", "--out", m, "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j = last_json(&o);
+    for k in [
+        "epochs",
+        "train_seconds",
+        "images_per_second",
+        "final_train_loss",
+        "val_accuracy",
+        "test_accuracy",
+        "model",
+    ] {
+        assert!(j.get(k).is_some(), "missing {k} in {j}");
+    }
+    assert_eq!(j["epochs"], 3);
+    let h = j["history"].as_array().unwrap();
+    assert!(
+        h[2]["train_loss"].as_f64() < h[0]["train_loss"].as_f64(),
+        "loss falls: {j}"
+    );
+    assert!(j["val_accuracy"].as_f64().unwrap() > 0.85, "{j}");
+
+    let o = run(&["eval", "--model", m, "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e = last_json(&o);
+    assert_eq!(e["n"], 1000);
+    assert!((e["accuracy"].as_f64().unwrap() - j["test_accuracy"].as_f64().unwrap()).abs() < 1e-12);
+    let conf = e["confusion"].as_array().unwrap();
+    let total: u64 = conf
+        .iter()
+        .flat_map(|r| r.as_array().unwrap())
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!((conf.len(), total), (10, 1000));
+    assert_eq!(e["per_class"].as_array().unwrap().len(), 10);
+
+    let o = run(&["eval", "--model", m]);
+    assert!(stdout(&o).contains("confusion"), "{}", stdout(&o));
+}
+
+#[test]
+fn same_seed_gives_the_same_weights_for_any_thread_count() {
+    let d = tmpdir("det");
+    let mut files = Vec::new();
+    for (i, threads) in ["1", "2", "1"].iter().enumerate() {
+        let p = d.join(format!("m{i}.safetensors"));
+        let o = run(&[
+            "train",
+            "--epochs",
+            "1",
+            "--limit",
+            "700",
+            "--batch",
+            "50",
+            "--threads",
+            threads,
+            "--out",
+            p.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        files.push(mnistconv::checkpoint::load(&p).unwrap().params);
+    }
+    assert!(
+        files[0] == files[1] && files[1] == files[2],
+        "weights differ between runs"
+    );
+    let p = d.join("other.safetensors");
+    let o = run(&[
+        "train",
+        "--epochs",
+        "1",
+        "--limit",
+        "700",
+        "--batch",
+        "50",
+        "--seed",
+        "2",
+        "--out",
+        p.to_str().unwrap(),
+    ]);
+    assert!(o.status.success());
+    assert!(
+        mnistconv::checkpoint::load(&p).unwrap().params != files[0],
+        "another seed gives other weights"
+    );
+}
+
+#[test]
+fn book_recipe_runs_bias_free() {
+    let d = tmpdir("book");
+    let p = d.join("b.safetensors");
+    let o = run(&[
+        "train",
+        "--recipe",
+        "book",
+        "--epochs",
+        "1",
+        "--limit",
+        "1000",
+        "--out",
+        p.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("recipe Book"));
+    let o = run(&[
+        "train",
+        "--recipe",
+        "book",
+        "--bias",
+        "--out",
+        p.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn gradcheck_passes_and_reports_every_tensor() {
+    let o = run(&["gradcheck", "--samples", "4", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j = last_json(&o);
+    assert_eq!(j["passed"], true);
+    let v = j["variants"].as_array().unwrap();
+    assert_eq!(v.len(), 7);
+    assert_eq!(v[0]["tensors"].as_array().unwrap().len(), 3);
+    assert_eq!(v[1]["tensors"].as_array().unwrap().len(), 6);
+}
+
+#[test]
+fn bad_usage_exits_2_with_one_clear_line() {
+    let d = tmpdir("bad");
+    let out = d.join("never.safetensors");
+    let o_ = out.to_str().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["train", "--batch", "0", "--out", o_], "batch"),
+        (&["train", "--epochs", "0", "--out", o_], "epochs"),
+        (&["train", "--lr", "-1", "--out", o_], "learning rate"),
+        (&["train", "--lr", "NaN", "--out", o_], "learning rate"),
+        (&["train", "--momentum", "1", "--out", o_], "momentum"),
+        (&["train", "--threads", "0", "--out", o_], "threads"),
+        (&["train", "--val", "5000", "--out", o_], "--val"),
+        (&["train", "--pool", "3", "--out", o_], "does not divide"),
+        (
+            &["train", "--data", "/nonexistent-dir", "--out", o_],
+            "train images",
+        ),
+        (
+            &["eval", "--model", "/nonexistent.safetensors"],
+            "nonexistent.safetensors",
+        ),
+        (&["train", "--no-such-flag"], "no-such-flag"),
+    ];
+    for (args, needle) in cases {
+        let o = run(args);
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {e}");
+        assert!(
+            e.contains(needle),
+            "{args:?}: message should mention {needle:?}: {e}"
+        );
+        assert!(!e.contains("panicked"), "{args:?}: {e}");
+    }
+    assert!(!out.exists(), "no model written by a failed run");
+}
+
+#[test]
+fn eval_rejects_a_model_of_another_shape_for_the_data() {
+    let d = tmpdir("shape");
+    // IDX files of 20×20 images.
+    let imgs = mnistconv::mnist::write_images(3, 20, 20, &[7u8; 3 * 400]);
+    std::fs::write(d.join("t10k-images-idx3-ubyte"), imgs).unwrap();
+    std::fs::write(
+        d.join("t10k-labels-idx1-ubyte"),
+        mnistconv::mnist::write_labels(&[1, 2, 3]),
+    )
+    .unwrap();
+    let m = d.join("m.safetensors");
+    let o = run(&[
+        "train",
+        "--epochs",
+        "1",
+        "--limit",
+        "200",
+        "--out",
+        m.to_str().unwrap(),
+    ]);
+    assert!(o.status.success());
+    let o = run(&[
+        "eval",
+        "--model",
+        m.to_str().unwrap(),
+        "--data",
+        d.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("20×20"), "{}", stderr(&o));
+}

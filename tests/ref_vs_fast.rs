@@ -1,0 +1,116 @@
+//! The batched f32 path against the f64 reference: per-image probabilities, and the batch
+//! gradient against the sum of per-image reference gradients (norm-wise relative error ≤ 1e-5),
+//! for every activation and pooling, on awkward batch sizes; and bit-for-bit determinism across
+//! thread counts.
+
+mod common;
+
+use mnistconv::fast::{self, Workspace};
+use mnistconv::mnist::embedded;
+use mnistconv::{Activation, Grads, NetConfig, Pooling, reference};
+
+fn check(cfg: &NetConfig, batch: usize, seed: u64) {
+    let data = embedded::train();
+    let p = common::params(cfg, seed);
+    let p64 = p.map(f64::from);
+    // An awkward, non-contiguous selection of images.
+    let idx: Vec<usize> = (0..batch)
+        .map(|i| (i * 37 + seed as usize * 11) % data.len())
+        .collect();
+    let mut ws = Workspace::new(cfg, batch);
+    let mut g = Grads::<f32>::zeros(cfg);
+    let st = fast::forward_backward(cfg, &p, &data.images, &data.labels, &idx, &mut ws, &mut g);
+
+    let mut want = Grads::<f64>::zeros(cfg);
+    let mut loss = 0.0;
+    for (e, &i) in idx.iter().enumerate() {
+        let a = reference::forward(cfg, &p64, &data.image_f64(i), usize::from(data.labels[i]));
+        let b = reference::backward(cfg, &p64, &a);
+        for ((_, w), (_, gt)) in want.tensors_mut().into_iter().zip(b.grads.tensors()) {
+            for (x, y) in w.iter_mut().zip(gt) {
+                *x += y;
+            }
+        }
+        for (pf, pr) in ws.probs(e).iter().zip(&a.y) {
+            assert!(
+                (f64::from(*pf) - pr).abs() < 1e-5,
+                "probabilities differ: {pf} vs {pr}"
+            );
+        }
+        loss += a.loss;
+    }
+    assert!(
+        (st.loss_sum - loss).abs() <= 1e-4 * loss.max(1.0),
+        "loss {} vs {loss}",
+        st.loss_sum
+    );
+    // fast gives the batch mean; the reference sum is B times that.
+    let got = g.map(|v| f64::from(v) * batch as f64);
+    for ((name, a), (_, b)) in got.tensors().into_iter().zip(want.tensors()) {
+        let e = common::norm_rel_error(name, a, b);
+        assert!(
+            e <= 1e-5,
+            "{} batch {batch}: {name} norm-wise relative error {e:.3e} > 1e-5",
+            mnistconv::gradcheck::variant_name(cfg)
+        );
+    }
+}
+
+#[test]
+fn default_network_matches_reference_on_awkward_batches() {
+    for (b, seed) in [(1, 1), (7, 2), (100, 3), (257, 4)] {
+        check(&NetConfig::default(), b, seed);
+    }
+}
+
+#[test]
+fn every_activation_and_pooling_with_bias_matches_reference() {
+    for act in Activation::ALL {
+        for pooling in Pooling::ALL {
+            let cfg = NetConfig {
+                conv_act: act,
+                act,
+                pooling,
+                bias: true,
+                ..NetConfig::default()
+            };
+            check(&cfg, 19, 5);
+        }
+    }
+}
+
+#[test]
+fn other_sizes_match_reference() {
+    let cfg = NetConfig {
+        ksize: 5,
+        n_kernels: 6,
+        pool: 4,
+        hidden: 33,
+        bias: true,
+        ..NetConfig::default()
+    };
+    check(&cfg, 23, 6);
+}
+
+#[test]
+fn gradients_are_bit_identical_for_any_thread_count() {
+    let cfg = NetConfig::default();
+    let data = embedded::train();
+    let p = common::params(&cfg, 9);
+    let idx: Vec<usize> = (0..100).collect();
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut ws = Workspace::new(&cfg, 100);
+            let mut g = Grads::<f32>::zeros(&cfg);
+            fast::forward_backward(&cfg, &p, &data.images, &data.labels, &idx, &mut ws, &mut g);
+            g
+        })
+    };
+    let one = run(1);
+    assert_eq!(one, run(2));
+    assert_eq!(one, run(3));
+}
