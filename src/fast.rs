@@ -1,133 +1,139 @@
-//! The batched f32 path used for training and inference: im2col + GEMM for the conv and its
-//! kernel gradient, GEMM for the dense layers, rayon over fixed chunks of the batch.
+//! The batched f32 path used for training and inference.
 //!
-//! Same formulas as [`crate::reference`], laid out for throughput. For a chunk of `m` images
-//! (`P = conv²` positions, `KK = ks²` kernel taps, `N` kernels, `F = flat`, `H = hidden`,
-//! `C = classes`):
+//! Same formulas as [`crate::reference`], laid out for throughput on the two products of
+//! [`crate::kernels`]. For a batch of `B` images cut into chunks of `m ≤ CHUNK` (`P = conv²`
+//! positions, `KK = ks²` taps, `N` kernels, `F = flat`, `H = hidden`, `C = classes`, `Q = m·P`):
 //! ```text
-//! cols  (m·P, KK)   im2col: cols[e·P + r·conv + c][i·ks + j] = x_e[r+i][c+j]
-//! z     (N, m·P)    = k (N, KK) · colsᵀ (+ bk)          conv_pre, then in place y_m3 = act(z)
-//! y2    (m, F)      = pool(y_m3), flattened (n, r, c)   y⁽⁻²⁾
-//! y1    (m, H)      = φ(y2 · w_m1ᵀ (+ b_m1))            y⁽⁻¹⁾
-//! p     (m, C)      = softmax(y1 · wᵀ (+ b))            y
-//! dv    (m, C)      = (p − d) / B                       ∂L/∂v, mean over the batch
-//! dw    (C, H)     += dvᵀ · y1                          ∂J/∂w = (y − d) y⁽⁻¹⁾ᵀ
-//! dv1   (m, H)      = (dv · w) ⊙ φ'(y1)                 ∂L/∂v⁽⁻¹⁾
-//! dw_m1 (H, F)     += dv1ᵀ · y2                         ∂J/∂w⁽⁻¹⁾
-//! dy2   (m, F)      = dv1 · w_m1                        ∂L/∂y⁽⁻²⁾
-//! dz    (N, m·P)    = repool(dy2) ⊙ act'(y_m3)          ∂L/∂conv_pre
-//! dk    (N, KK)    += dz · cols                         ∂J/∂k = x ⋆ dz
+//! phase 1, per chunk (threads over chunks):
+//!   cols  (KK, Q)   im2col, transposed: cols[i·ks + j][e·P + r·conv + c] = x_e[r+i][c+j]
+//!   z     (N, Q)    = k · cols (+ bk), then in place y_m3 = act(z)        gemm_nn
+//!   y2    (m, F)    = pool(y_m3), flattened (n, r, c)                     y⁽⁻²⁾
+//!   y1    (m, H)    = φ(y2 · w_m1ᵀ (+ b_m1))                              gemm_nt
+//!   p     (m, C)    = softmax(y1 · wᵀ (+ b))                              gemm_nt
+//!   dv    (m, C)    = (p − d) / B                                         ∂L/∂v (eq. 1)
+//!   dv1   (m, H)    = (dv · w) ⊙ φ'(y1)                                   gemm_nn
+//! phase 2, in parallel:
+//!   dw_m1 (H, F)    = dv1ᵀ · y2 over the whole batch, rows split          gemm_nn (eq. 3)
+//!   dw    (C, H)    = dvᵀ · y1                                            gemm_nn (eq. 2)
+//!   per chunk: dy2 (m, F) = dv1 · w_m1                                    gemm_nn (eq. 4)
+//!              dz  (N, Q) = repool(dy2) ⊙ act'(y_m3)                      (eq. 5)
+//!              dk_chunk (N, KK) = dz · colsᵀ                              gemm_nt (eq. 6)
+//! then dk = Σ dk_chunk in chunk order.
 //! ```
-//! Determinism: a batch is cut into chunks whose size depends only on the batch size; each chunk's
-//! gradient goes to its own buffer and the buffers are summed in chunk order. So the result is
-//! bit-for-bit the same for any number of threads.
+//! Determinism: chunk boundaries depend only on the batch size, every output element of a
+//! product is computed by one fixed sequence of operations whichever thread runs it, and the only
+//! cross-chunk sums (`dk`, `dbk`) are taken in chunk order. So a result is bit-for-bit the same
+//! for any number of threads on a given machine.
 
-use crate::config::{NetConfig, Pooling};
-use crate::kernels::{Layout, gemm};
+use crate::config::{Activation, NetConfig, Pooling};
+use crate::kernels::{gemm_nn, gemm_nt, im2col_t};
 use crate::params::{Grads, Params};
 use rayon::prelude::*;
 
 /// Images per chunk: the unit of parallel work and of the fixed reduction order.
-pub const CHUNK: usize = 16;
+pub const CHUNK: usize = 10;
 
-/// Buffers for one chunk of up to [`CHUNK`] images, allocated once and reused.
+/// Buffers for one chunk of up to [`CHUNK`] images.
 #[derive(Clone, Debug)]
-pub struct ChunkWork {
+struct ChunkBuf {
+    /// (m, img²) pixels / 255
+    xf: Vec<f32>,
+    /// (KK, Q) im2col, transposed
     cols: Vec<f32>,
+    /// (N, Q) conv maps y_m3
     z: Vec<f32>,
-    y2: Vec<f32>,
-    argmax: Vec<u32>,
-    y1: Vec<f32>,
-    p: Vec<f32>,
-    dv: Vec<f32>,
-    dv1: Vec<f32>,
-    dy2: Vec<f32>,
+    /// (N, Q) ∂L/∂conv_pre
     dz: Vec<f32>,
-    /// This chunk's gradient (sum over its images of `∂L/∂θ`, divided by the batch size).
-    pub grads: Grads<f32>,
-    /// Sum of this chunk's per-image losses.
-    pub loss: f64,
-    /// How many of this chunk's images were classified correctly.
-    pub correct: usize,
+    /// (m, F) max-pool arg-max (index into z), empty for mean pooling
+    argmax: Vec<u32>,
+    /// (m, F) ∂L/∂y⁽⁻²⁾
+    dy2: Vec<f32>,
+    /// (N, KK) this chunk's kernel gradient
+    dk: Vec<f32>,
+    /// (N) this chunk's conv-bias gradient
+    dbk: Vec<f32>,
+    loss: f64,
+    correct: usize,
 }
 
-impl ChunkWork {
+impl ChunkBuf {
     fn new(cfg: &NetConfig) -> Self {
-        let m = CHUNK;
-        let (kk, pp, n, f, h, c) = (
-            cfg.ksize * cfg.ksize,
-            cfg.conv() * cfg.conv(),
-            cfg.n_kernels,
-            cfg.flat(),
-            cfg.hidden,
-            cfg.classes,
-        );
-        ChunkWork {
-            cols: vec![0.0; m * pp * kk],
-            z: vec![0.0; n * m * pp],
-            y2: vec![0.0; m * f],
-            argmax: vec![
-                0;
-                if cfg.pooling == Pooling::Max {
-                    m * f
-                } else {
-                    0
-                }
-            ],
-            y1: vec![0.0; m * h],
-            p: vec![0.0; m * c],
-            dv: vec![0.0; m * c],
-            dv1: vec![0.0; m * h],
-            dy2: vec![0.0; m * f],
-            dz: vec![0.0; n * m * pp],
-            grads: Grads::zeros(cfg),
+        let q = CHUNK * cfg.conv() * cfg.conv();
+        let kk = cfg.ksize * cfg.ksize;
+        ChunkBuf {
+            xf: vec![0.0; CHUNK * cfg.pixels()],
+            cols: vec![0.0; kk * q],
+            z: vec![0.0; cfg.n_kernels * q],
+            dz: vec![0.0; cfg.n_kernels * q],
+            argmax: vec![0; if cfg.pooling == Pooling::Max { CHUNK * cfg.flat() } else { 0 }],
+            dy2: vec![0.0; CHUNK * cfg.flat()],
+            dk: vec![0.0; cfg.n_kernels * kk],
+            dbk: vec![0.0; if cfg.bias { cfg.n_kernels } else { 0 }],
             loss: 0.0,
             correct: 0,
         }
     }
 }
 
-/// Reusable state for batched forward/backward passes: one [`ChunkWork`] per chunk.
+/// Reusable buffers for batched passes of up to `max_batch` images; nothing is allocated per batch.
 #[derive(Clone, Debug)]
 pub struct Workspace {
     cfg: NetConfig,
-    chunks: Vec<ChunkWork>,
+    max_batch: usize,
+    chunks: Vec<ChunkBuf>,
+    /// (B, F) y⁽⁻²⁾
+    y2: Vec<f32>,
+    /// (B, H) y⁽⁻¹⁾
+    y1: Vec<f32>,
+    /// (B, C) probabilities y
+    p: Vec<f32>,
+    /// (B, C) ∂L/∂v / B
+    dv: Vec<f32>,
+    /// (B, H) ∂L/∂v⁽⁻¹⁾ / B
+    dv1: Vec<f32>,
 }
 
 impl Workspace {
     /// Buffers for batches of up to `max_batch` images.
     pub fn new(cfg: &NetConfig, max_batch: usize) -> Self {
-        let n = max_batch.max(1).div_ceil(CHUNK);
+        let b = max_batch.max(1);
+        let (f, h, c) = (cfg.flat(), cfg.hidden, cfg.classes);
         Workspace {
             cfg: *cfg,
-            chunks: (0..n).map(|_| ChunkWork::new(cfg)).collect(),
+            max_batch: b,
+            chunks: (0..b.div_ceil(CHUNK)).map(|_| ChunkBuf::new(cfg)).collect(),
+            y2: vec![0.0; b * f],
+            y1: vec![0.0; b * h],
+            p: vec![0.0; b * c],
+            dv: vec![0.0; b * c],
+            dv1: vec![0.0; b * h],
         }
-    }
-    /// The per-chunk results of the last call.
-    pub fn chunks(&self) -> &[ChunkWork] {
-        &self.chunks
     }
     /// Probabilities `y` of the last forward pass for batch image `i`.
     pub fn probs(&self, i: usize) -> &[f32] {
         let c = self.cfg.classes;
-        &self.chunks[i / CHUNK].p[(i % CHUNK) * c..(i % CHUNK + 1) * c]
+        &self.p[i * c..(i + 1) * c]
+    }
+    /// The largest batch these buffers take.
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
     }
 }
 
-/// What one batch step measured.
+/// What one batch measured.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct BatchStats {
-    /// Sum of the per-image losses.
+    /// Sum of the per-image losses `−log y_label`.
     pub loss_sum: f64,
-    /// Images classified correctly (before the update).
+    /// Images classified correctly (before any update).
     pub correct: usize,
 }
 
 /// Forward and backward over a batch: writes the mean gradient `(1/B) Σ_e ∂L_e/∂θ` into `grads`
-/// (overwritten, not accumulated). `images` is `[*, img²]` u8; `idx` picks the batch's images.
+/// (overwritten). `images` is `[*, img²]` u8, `labels` `[*]`; `idx` picks the batch's images.
 ///
 /// # Panics
-/// If the workspace is too small for the batch or an index or label is out of range (caller bugs).
+/// If the batch is larger than the workspace, or an index or label is out of range (caller bugs).
 pub fn forward_backward(
     cfg: &NetConfig,
     p: &Params<f32>,
@@ -138,41 +144,80 @@ pub fn forward_backward(
     grads: &mut Grads<f32>,
 ) -> BatchStats {
     let b = idx.len();
-    assert!(
-        b.div_ceil(CHUNK) <= ws.chunks.len(),
-        "workspace for {} chunks, batch needs {}",
-        ws.chunks.len(),
-        b.div_ceil(CHUNK)
-    );
+    assert!(b <= ws.max_batch, "batch {b} > workspace {}", ws.max_batch);
+    assert_eq!(ws.cfg, *cfg, "workspace built for another configuration");
+    if b == 0 {
+        return BatchStats::default();
+    }
+    let (f, h, c) = (cfg.flat(), cfg.hidden, cfg.classes);
+    let nch = b.div_ceil(CHUNK);
     let scale = 1.0 / b as f32;
-    ws.chunks
-        .par_iter_mut()
-        .zip(idx.par_chunks(CHUNK))
-        .for_each(|(w, ids)| {
-            forward_chunk(cfg, p, images, ids, w);
-            backward_chunk(cfg, p, labels, ids, w, scale);
+
+    // Phase 1: forward, and the backward as far as ∂L/∂v⁽⁻¹⁾, per chunk.
+    (
+        ws.chunks[..nch].par_iter_mut(),
+        ws.y2[..b * f].par_chunks_mut(CHUNK * f),
+        ws.y1[..b * h].par_chunks_mut(CHUNK * h),
+        ws.p[..b * c].par_chunks_mut(CHUNK * c),
+        ws.dv[..b * c].par_chunks_mut(CHUNK * c),
+        ws.dv1[..b * h].par_chunks_mut(CHUNK * h),
+        idx.par_chunks(CHUNK),
+    )
+        .into_par_iter()
+        .for_each(|(cb, y2, y1, pr, dv, dv1, ids)| {
+            forward_chunk(cfg, p, images, ids, cb, y2, y1, pr);
+            score_chunk(cfg, labels, ids, pr, cb);
+            output_backward(cfg, p, labels, ids, pr, y1, dv, dv1, scale);
         });
-    let used = b.div_ceil(CHUNK);
+
+    // Phase 2: the weight gradients of the dense layers over the whole batch, and each chunk's
+    // way back to the kernels, all in parallel.
+    let (y2, y1, dv, dv1) = (&ws.y2[..b * f], &ws.y1[..b * h], &ws.dv[..b * c], &ws.dv1[..b * h]);
+    let chunks = &mut ws.chunks[..nch];
+    let Grads { k: gk, bk: gbk, w_m1: gw1, b_m1: gb1, w: gw, b: gb } = grads;
+    rayon::join(
+        || {
+            // dw_m1 (H, F) = dv1ᵀ · y2, 24 rows (a multiple of the kernel's 6-row tile) per task.
+            const ROWS: usize = 24;
+            gw1.par_chunks_mut(ROWS * f).enumerate().for_each(|(t, out)| {
+                let rows = out.len() / f;
+                gemm_nn(rows, f, b, &dv1[t * ROWS..], 1, h, y2, f, out, f, false);
+            });
+        },
+        || {
+            rayon::join(
+                || {
+                    chunks
+                        .par_iter_mut()
+                        .zip(dv1.par_chunks(CHUNK * h))
+                        .for_each(|(cb, dv1c)| backward_chunk(cfg, p, dv1c, cb));
+                },
+                || {
+                    // dw (C, H) = dvᵀ · y1; biases: column sums of dv and dv1.
+                    gemm_nn(c, h, b, dv, 1, c, y1, h, gw, h, false);
+                    col_sums(dv, c, gb);
+                    col_sums(dv1, h, gb1);
+                },
+            );
+        },
+    );
+    // dk = Σ_chunks dk_chunk, in chunk order.
     let mut stats = BatchStats::default();
-    // Fixed-order reduction: chunk 0, then 1, … — independent of the thread count.
-    for (ci, w) in ws.chunks[..used].iter().enumerate() {
-        for ((_, g), (_, wg)) in grads.tensors_mut().into_iter().zip(w.grads.tensors()) {
-            if ci == 0 {
-                g.copy_from_slice(wg);
-            } else {
-                for (a, &x) in g.iter_mut().zip(wg) {
-                    *a += x;
-                }
-            }
+    gk.copy_from_slice(&chunks[0].dk);
+    gbk.copy_from_slice(&chunks[0].dbk);
+    for (i, cb) in chunks.iter().enumerate() {
+        if i > 0 {
+            gk.iter_mut().zip(&cb.dk).for_each(|(a, x)| *a += x);
+            gbk.iter_mut().zip(&cb.dbk).for_each(|(a, x)| *a += x);
         }
-        stats.loss_sum += w.loss;
-        stats.correct += w.correct;
+        stats.loss_sum += cb.loss;
+        stats.correct += cb.correct;
     }
     stats
 }
 
-/// Forward only, over a batch; probabilities are then in [`Workspace::probs`]. If `labels` is
-/// given, the returned stats count losses and correct predictions.
+/// Forward only; probabilities are then in [`Workspace::probs`]. With `labels`, the stats count
+/// the loss and the correct predictions.
 pub fn forward_batch(
     cfg: &NetConfig,
     p: &Params<f32>,
@@ -182,114 +227,79 @@ pub fn forward_batch(
     ws: &mut Workspace,
 ) -> BatchStats {
     let b = idx.len();
-    assert!(b.div_ceil(CHUNK) <= ws.chunks.len());
-    ws.chunks
-        .par_iter_mut()
-        .zip(idx.par_chunks(CHUNK))
-        .for_each(|(w, ids)| {
-            forward_chunk(cfg, p, images, ids, w);
-            match labels {
-                Some(l) => score_chunk(cfg, l, ids, w),
-                None => (w.loss, w.correct) = (0.0, 0),
-            }
-        });
+    assert!(b <= ws.max_batch, "batch {b} > workspace {}", ws.max_batch);
+    assert_eq!(ws.cfg, *cfg, "workspace built for another configuration");
+    let (f, h, c) = (cfg.flat(), cfg.hidden, cfg.classes);
+    let nch = b.div_ceil(CHUNK);
+    let run = |(cb, y2, y1, pr, ids): (&mut ChunkBuf, &mut [f32], &mut [f32], &mut [f32], &[usize])| {
+        forward_chunk(cfg, p, images, ids, cb, y2, y1, pr);
+        match labels {
+            Some(l) => score_chunk(cfg, l, ids, pr, cb),
+            None => (cb.loss, cb.correct) = (0.0, 0),
+        }
+    };
+    let parts = (
+        ws.chunks[..nch].par_iter_mut(),
+        ws.y2[..b * f].par_chunks_mut(CHUNK * f),
+        ws.y1[..b * h].par_chunks_mut(CHUNK * h),
+        ws.p[..b * c].par_chunks_mut(CHUNK * c),
+        idx.par_chunks(CHUNK),
+    );
+    if nch == 1 {
+        // One chunk (e.g. one image): no thread hand-off, for latency.
+        let (cb, y2, y1, pr) = (&mut ws.chunks[0], &mut ws.y2[..b * f], &mut ws.y1[..b * h], &mut ws.p[..b * c]);
+        run((cb, y2, y1, pr, idx));
+    } else {
+        parts.into_par_iter().for_each(run);
+    }
     let mut s = BatchStats::default();
-    for w in &ws.chunks[..b.div_ceil(CHUNK)] {
-        s.loss_sum += w.loss;
-        s.correct += w.correct;
+    for cb in &ws.chunks[..nch] {
+        s.loss_sum += cb.loss;
+        s.correct += cb.correct;
     }
     s
 }
 
-/// im2col + conv GEMM + activation + pooling + both dense layers + softmax for one chunk.
-fn forward_chunk(
-    cfg: &NetConfig,
-    p: &Params<f32>,
-    images: &[u8],
-    ids: &[usize],
-    w: &mut ChunkWork,
-) {
+/// im2col + conv + activation + pooling + both dense layers + softmax for one chunk.
+#[allow(clippy::too_many_arguments)]
+fn forward_chunk(cfg: &NetConfig, p: &Params<f32>, images: &[u8], ids: &[usize], cb: &mut ChunkBuf, y2: &mut [f32], y1: &mut [f32], pr: &mut [f32]) {
     let m = ids.len();
     let (img, ks, conv) = (cfg.img, cfg.ksize, cfg.conv());
-    let (kk, pp, nk, f, h, c) = (
-        ks * ks,
-        conv * conv,
-        cfg.n_kernels,
-        cfg.flat(),
-        cfg.hidden,
-        cfg.classes,
-    );
-    let px = img * img;
+    let (kk, pp, nk, f, h, c) = (ks * ks, conv * conv, cfg.n_kernels, cfg.flat(), cfg.hidden, cfg.classes);
+    let (px, q) = (img * img, m * pp);
 
-    // cols: (m·P, KK)
+    // xf: (m, img²), the batch is formed here: u8 → [0, 1]
     for (e, &id) in ids.iter().enumerate() {
-        let x = &images[id * px..(id + 1) * px];
-        for r in 0..conv {
-            for cc in 0..conv {
-                let row = &mut w.cols[((e * pp) + r * conv + cc) * kk..][..kk];
-                for i in 0..ks {
-                    let src = &x[(r + i) * img + cc..][..ks];
-                    for (d, &s) in row[i * ks..(i + 1) * ks].iter_mut().zip(src) {
-                        *d = f32::from(s) * (1.0 / 255.0);
-                    }
-                }
-            }
+        let src = &images[id * px..(id + 1) * px];
+        for (d, &s) in cb.xf[e * px..(e + 1) * px].iter_mut().zip(src) {
+            *d = f32::from(s) * (1.0 / 255.0);
         }
     }
-    // z: (N, m·P) = k (N, KK) · colsᵀ (KK, m·P)
-    let mp = m * pp;
-    gemm(
-        1.0,
-        &p.k,
-        Layout::row_major(nk, kk),
-        &w.cols,
-        Layout::transposed(kk, mp),
-        0.0,
-        &mut w.z,
-        Layout::row_major(nk, mp),
-    );
-    let z = &mut w.z[..nk * mp];
-    for (n, row) in z.chunks_exact_mut(mp).enumerate() {
-        let bias = if p.bk.is_empty() { 0.0 } else { p.bk[n] };
-        for v in row {
-            *v = cfg.conv_act.f32(*v + bias);
+    // cols: (KK, Q), cols[i·ks + j][e·P + r·conv + c] = x_e[r+i][c+j]
+    im2col_t(&cb.xf, m, img, ks, &mut cb.cols, q);
+    // z: (N, Q) = k (N, KK) · cols (KK, Q), + bias, activation in place → y_m3
+    gemm_nn(nk, q, kk, &p.k, kk, 1, &cb.cols, q, &mut cb.z, q, false);
+    if !p.bk.is_empty() {
+        for (row, &bias) in cb.z[..nk * q].chunks_exact_mut(q).zip(&p.bk) {
+            row.iter_mut().for_each(|v| *v += bias);
         }
     }
-    // y2: (m, F), pooled, flattened (n, r, c) per image
-    pool_forward(cfg, m, &w.z, &mut w.y2, &mut w.argmax);
+    act_in_place(cfg.conv_act, &mut cb.z[..nk * q]);
+    // y2: (m, F)
+    pool_forward(cfg, m, &cb.z, y2, &mut cb.argmax);
     // y1: (m, H) = φ(y2 · w_m1ᵀ + b_m1)
-    gemm(
-        1.0,
-        &w.y2,
-        Layout::row_major(m, f),
-        &p.w_m1,
-        Layout::transposed(f, h),
-        0.0,
-        &mut w.y1,
-        Layout::row_major(m, h),
-    );
-    for row in w.y1[..m * h].chunks_exact_mut(h) {
-        for (j, v) in row.iter_mut().enumerate() {
-            let bias = if p.b_m1.is_empty() { 0.0 } else { p.b_m1[j] };
-            *v = cfg.act.f32(*v + bias);
+    gemm_nt(m, h, f, y2, f, &p.w_m1, f, y1, h, false);
+    if !p.b_m1.is_empty() {
+        for row in y1[..m * h].chunks_exact_mut(h) {
+            row.iter_mut().zip(&p.b_m1).for_each(|(v, b)| *v += b);
         }
     }
+    act_in_place(cfg.act, &mut y1[..m * h]);
     // p: (m, C) = softmax(y1 · wᵀ + b)
-    gemm(
-        1.0,
-        &w.y1,
-        Layout::row_major(m, h),
-        &p.w,
-        Layout::transposed(h, c),
-        0.0,
-        &mut w.p,
-        Layout::row_major(m, c),
-    );
-    for row in w.p[..m * c].chunks_exact_mut(c) {
-        if !p.b.is_empty() {
-            for (v, &bb) in row.iter_mut().zip(&p.b) {
-                *v += bb;
-            }
+    gemm_nt(m, c, h, y1, h, &p.w, h, pr, c, false);
+    for row in pr[..m * c].chunks_exact_mut(c) {
+        for (v, bb) in row.iter_mut().zip(&p.b) {
+            *v += bb;
         }
         softmax_in_place(row);
     }
@@ -310,19 +320,49 @@ fn softmax_in_place(v: &mut [f32]) {
     }
 }
 
-/// Loss and correct count of a chunk whose forward pass is done. The loss is
-/// `−log y_label`, floored at `1e-30` inside the log only to keep it finite.
-fn score_chunk(cfg: &NetConfig, labels: &[u8], ids: &[usize], w: &mut ChunkWork) {
+/// Loss and correct count of a chunk whose forward pass is done. The loss is `−log y_label`,
+/// floored at `1e-30` inside the log only to keep it finite.
+fn score_chunk(cfg: &NetConfig, labels: &[u8], ids: &[usize], pr: &[f32], cb: &mut ChunkBuf) {
     let c = cfg.classes;
-    w.loss = 0.0;
-    w.correct = 0;
+    cb.loss = 0.0;
+    cb.correct = 0;
     for (e, &id) in ids.iter().enumerate() {
-        let row = &w.p[e * c..(e + 1) * c];
+        let row = &pr[e * c..(e + 1) * c];
         let l = usize::from(labels[id]);
-        w.loss -= f64::from(row[l].max(1e-30)).ln();
+        cb.loss -= f64::from(row[l].max(1e-30)).ln();
         if argmax(row) == l {
-            w.correct += 1;
+            cb.correct += 1;
         }
+    }
+}
+
+/// `dv = (y − d)/B` (eq. 1, as a batch mean) and `dv1 = (dv · w) ⊙ φ'(y1)` for one chunk.
+#[allow(clippy::too_many_arguments)]
+fn output_backward(cfg: &NetConfig, p: &Params<f32>, labels: &[u8], ids: &[usize], pr: &[f32], y1: &[f32], dv: &mut [f32], dv1: &mut [f32], scale: f32) {
+    let (m, h, c) = (ids.len(), cfg.hidden, cfg.classes);
+    for (e, &id) in ids.iter().enumerate() {
+        let l = usize::from(labels[id]);
+        for j in 0..c {
+            let d = if j == l { 1.0 } else { 0.0 };
+            dv[e * c + j] = (pr[e * c + j] - d) * scale;
+        }
+    }
+    gemm_nn(m, h, c, dv, c, 1, &p.w, h, dv1, h, false);
+    act_backward_in_place(cfg.act, &mut dv1[..m * h], y1);
+}
+
+/// For one chunk: `dy2 = dv1 · w_m1` (eq. 4), re-pooled and times `act'` (eq. 5) into `dz`, and
+/// the chunk's kernel gradient `dk = dz · colsᵀ` (eq. 6).
+fn backward_chunk(cfg: &NetConfig, p: &Params<f32>, dv1: &[f32], cb: &mut ChunkBuf) {
+    let (h, f, nk) = (cfg.hidden, cfg.flat(), cfg.n_kernels);
+    let m = dv1.len() / h;
+    let (kk, q) = (cfg.ksize * cfg.ksize, m * cfg.conv() * cfg.conv());
+    gemm_nn(m, f, h, dv1, h, 1, &p.w_m1, f, &mut cb.dy2, f, false);
+    pool_backward(cfg, m, &cb.dy2, &cb.argmax, &cb.z, &mut cb.dz);
+    gemm_nt(nk, kk, q, &cb.dz, q, &cb.cols, q, &mut cb.dk, kk, false);
+    for (n, b) in cb.dbk.iter_mut().enumerate() {
+        // Summed in f64: a map row has Q terms (thousands), too many for a plain f32 sum.
+        *b = cb.dz[n * q..(n + 1) * q].iter().map(|&v| f64::from(v)).sum::<f64>() as f32;
     }
 }
 
@@ -345,26 +385,34 @@ fn pool_forward(cfg: &NetConfig, m: usize, y_m3: &[f32], y2: &mut [f32], amax: &
     for n in 0..nk {
         for e in 0..m {
             let map = (n * m + e) * pp;
-            for r in 0..pooled {
-                for c in 0..pooled {
-                    let o = e * f + (n * pooled + r) * pooled + c;
-                    let mut sum = 0.0;
-                    let mut best = (f32::NEG_INFINITY, 0usize);
-                    for a in 0..ps {
-                        for b in 0..ps {
-                            let idx = map + (ps * r + a) * conv + ps * c + b;
-                            let v = y_m3[idx];
-                            sum += v;
-                            if v > best.0 {
-                                best = (v, idx);
-                            }
+            let out = &mut y2[e * f + n * pooled * pooled..e * f + (n + 1) * pooled * pooled];
+            match cfg.pooling {
+                Pooling::Mean => {
+                    out.fill(0.0);
+                    for r in 0..conv {
+                        let row = &y_m3[map + r * conv..map + (r + 1) * conv];
+                        let o = &mut out[(r / ps) * pooled..(r / ps + 1) * pooled];
+                        for (o, win) in o.iter_mut().zip(row.chunks_exact(ps)) {
+                            *o += win.iter().sum::<f32>();
                         }
                     }
-                    match cfg.pooling {
-                        Pooling::Mean => y2[o] = sum * inv,
-                        Pooling::Max => {
-                            y2[o] = best.0;
-                            amax[o] = best.1 as u32;
+                    out.iter_mut().for_each(|v| *v *= inv);
+                }
+                Pooling::Max => {
+                    for r in 0..pooled {
+                        for c in 0..pooled {
+                            let mut best = (f32::NEG_INFINITY, 0usize);
+                            for a in 0..ps {
+                                for b in 0..ps {
+                                    let idx = map + (ps * r + a) * conv + ps * c + b;
+                                    if y_m3[idx] > best.0 {
+                                        best = (y_m3[idx], idx);
+                                    }
+                                }
+                            }
+                            let o = (n * pooled + r) * pooled + c;
+                            out[r * pooled + c] = best.0;
+                            amax[e * f + o] = best.1 as u32;
                         }
                     }
                 }
@@ -375,14 +423,7 @@ fn pool_forward(cfg: &NetConfig, m: usize, y_m3: &[f32], y2: &mut [f32], amax: &
 
 /// Re-pooling (backward of [`pool_forward`]) times the conv activation's derivative:
 /// `dz[n][e][r][c] = dy2[e][n][r/p][c/p] / p² · act'(y_m3)` (mean), or routed to the arg-max (max).
-fn pool_backward(
-    cfg: &NetConfig,
-    m: usize,
-    dy2: &[f32],
-    amax: &[u32],
-    y_m3: &[f32],
-    dz: &mut [f32],
-) {
+fn pool_backward(cfg: &NetConfig, m: usize, dy2: &[f32], amax: &[u32], y_m3: &[f32], dz: &mut [f32]) {
     let (conv, ps, pooled, nk) = (cfg.conv(), cfg.pool, cfg.pooled(), cfg.n_kernels);
     let (pp, f) = (conv * conv, cfg.flat());
     let dz = &mut dz[..nk * m * pp];
@@ -392,10 +433,12 @@ fn pool_backward(
             for n in 0..nk {
                 for e in 0..m {
                     let map = (n * m + e) * pp;
+                    let g = &dy2[e * f + n * pooled * pooled..];
                     for r in 0..conv {
-                        for c in 0..conv {
-                            dz[map + r * conv + c] =
-                                dy2[e * f + (n * pooled + r / ps) * pooled + c / ps] * inv;
+                        let gr = &g[(r / ps) * pooled..(r / ps + 1) * pooled];
+                        let drow = &mut dz[map + r * conv..map + (r + 1) * conv];
+                        for (win, &gv) in drow.chunks_exact_mut(ps).zip(gr) {
+                            win.fill(gv * inv);
                         }
                     }
                 }
@@ -410,111 +453,24 @@ fn pool_backward(
             }
         }
     }
-    for (g, &y) in dz.iter_mut().zip(y_m3) {
-        *g *= cfg.conv_act.deriv_from_output_f32(y);
+    act_backward_in_place(cfg.conv_act, dz, y_m3);
+}
+
+/// `v = act(v)` element-wise, with the activation chosen once outside the loop.
+fn act_in_place(act: Activation, v: &mut [f32]) {
+    match act {
+        Activation::Relu => v.iter_mut().for_each(|x| *x = x.max(0.0)),
+        Activation::Sigmoid => v.iter_mut().for_each(|x| *x = Activation::Sigmoid.f32(*x)),
+        Activation::Tanh => v.iter_mut().for_each(|x| *x = x.tanh()),
     }
 }
 
-/// Backward for one chunk whose forward is done; `scale = 1/B` makes the batch gradient a mean.
-fn backward_chunk(
-    cfg: &NetConfig,
-    p: &Params<f32>,
-    labels: &[u8],
-    ids: &[usize],
-    w: &mut ChunkWork,
-    scale: f32,
-) {
-    let m = ids.len();
-    let (ks, conv) = (cfg.ksize, cfg.conv());
-    let (kk, pp, nk, f, h, c) = (
-        ks * ks,
-        conv * conv,
-        cfg.n_kernels,
-        cfg.flat(),
-        cfg.hidden,
-        cfg.classes,
-    );
-    score_chunk(cfg, labels, ids, w);
-    // dv: (m, C) = (y − d) / B
-    for (e, &id) in ids.iter().enumerate() {
-        let l = usize::from(labels[id]);
-        for j in 0..c {
-            let d = if j == l { 1.0 } else { 0.0 };
-            w.dv[e * c + j] = (w.p[e * c + j] - d) * scale;
-        }
-    }
-    let g = &mut w.grads;
-    // dw: (C, H) = dvᵀ · y1
-    gemm(
-        1.0,
-        &w.dv,
-        Layout::transposed(c, m),
-        &w.y1,
-        Layout::row_major(m, h),
-        0.0,
-        &mut g.w,
-        Layout::row_major(c, h),
-    );
-    col_sums(&w.dv[..m * c], c, &mut g.b);
-    // dv1: (m, H) = (dv · w) ⊙ φ'(y1)
-    gemm(
-        1.0,
-        &w.dv,
-        Layout::row_major(m, c),
-        &p.w,
-        Layout::row_major(c, h),
-        0.0,
-        &mut w.dv1,
-        Layout::row_major(m, h),
-    );
-    for (d, &y) in w.dv1[..m * h].iter_mut().zip(&w.y1) {
-        *d *= cfg.act.deriv_from_output_f32(y);
-    }
-    // dw_m1: (H, F) = dv1ᵀ · y2
-    gemm(
-        1.0,
-        &w.dv1,
-        Layout::transposed(h, m),
-        &w.y2,
-        Layout::row_major(m, f),
-        0.0,
-        &mut g.w_m1,
-        Layout::row_major(h, f),
-    );
-    col_sums(&w.dv1[..m * h], h, &mut g.b_m1);
-    // dy2: (m, F) = dv1 · w_m1
-    gemm(
-        1.0,
-        &w.dv1,
-        Layout::row_major(m, h),
-        &p.w_m1,
-        Layout::row_major(h, f),
-        0.0,
-        &mut w.dy2,
-        Layout::row_major(m, f),
-    );
-    // dz: (N, m·P) = repool(dy2) ⊙ act'(y_m3)
-    pool_backward(cfg, m, &w.dy2, &w.argmax, &w.z, &mut w.dz);
-    // dk: (N, KK) = dz · cols
-    let mp = m * pp;
-    gemm(
-        1.0,
-        &w.dz,
-        Layout::row_major(nk, mp),
-        &w.cols,
-        Layout::row_major(mp, kk),
-        0.0,
-        &mut g.k,
-        Layout::row_major(nk, kk),
-    );
-    if !g.bk.is_empty() {
-        for (n, b) in g.bk.iter_mut().enumerate() {
-            // Summed in f64: a map row has m·P terms (thousands), too many for a plain f32 sum.
-            *b = w.dz[n * mp..(n + 1) * mp]
-                .iter()
-                .map(|&v| f64::from(v))
-                .sum::<f64>() as f32;
-        }
+/// `g = g ⊙ act'(·)`, the derivative written from the activation's output `y`.
+fn act_backward_in_place(act: Activation, g: &mut [f32], y: &[f32]) {
+    match act {
+        Activation::Relu => g.iter_mut().zip(y).for_each(|(g, &y)| *g = if y > 0.0 { *g } else { 0.0 }),
+        Activation::Sigmoid => g.iter_mut().zip(y).for_each(|(g, &y)| *g *= y * (1.0 - y)),
+        Activation::Tanh => g.iter_mut().zip(y).for_each(|(g, &y)| *g *= 1.0 - y * y),
     }
 }
 
