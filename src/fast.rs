@@ -1,76 +1,72 @@
 //! The batched f32 path used for training and inference.
 //!
-//! Same formulas as [`crate::reference`], laid out for throughput on the two products of
-//! [`crate::kernels`]. For a batch of `B` images cut into chunks of `m ≤ CHUNK` (`P = conv²`
-//! positions, `KK = ks²` taps, `N` kernels, `F = flat`, `H = hidden`, `C = classes`, `Q = m·P`):
+//! Same formulas as [`crate::reference`], laid out for throughput on the products of
+//! [`crate::kernels`]. Shapes for a batch of `B` images (`P = conv²` positions, `KK = ks²` taps,
+//! `N` kernels, `F = flat`, `H = hidden`, `C = classes`); the conv layer works on chunks of
+//! `m ≤ CHUNK` images (`Q = m·P`) so its im2col buffers stay in the core's L2 cache:
 //! ```text
-//! phase 1, per chunk (threads over chunks):
-//!   cols  (KK, Q)   im2col, transposed: cols[i·ks + j][e·P + r·conv + c] = x_e[r+i][c+j]
-//!   z     (N, Q)    = k · cols (+ bk), then in place y_m3 = act(z)        gemm_nn
-//!   y2    (m, F)    = pool(y_m3), flattened (n, r, c)                     y⁽⁻²⁾
-//!   y1    (m, H)    = φ(y2 · w_m1ᵀ (+ b_m1))                              gemm_nt
-//!   p     (m, C)    = softmax(y1 · wᵀ (+ b))                              gemm_nt
-//!   dv    (m, C)    = (p − d) / B                                         ∂L/∂v (eq. 1)
-//!   dv1   (m, H)    = (dv · w) ⊙ φ'(y1)                                   gemm_nn
-//! phase 2, in parallel:
-//!   dw_m1 (H, F)    = dv1ᵀ · y2 over the whole batch, rows split          gemm_nn (eq. 3)
-//!   dw    (C, H)    = dvᵀ · y1                                            gemm_nn (eq. 2)
-//!   per chunk: dy2 (m, F) = dv1 · w_m1                                    gemm_nn (eq. 4)
-//!              dz  (N, Q) = repool(dy2) ⊙ act'(y_m3)                      (eq. 5)
-//!              dk_chunk (N, KK) = dz · colsᵀ                              gemm_nt (eq. 6)
-//! then dk = Σ dk_chunk in chunk order.
+//! 1. per chunk:   cols (KK, Q)  im2col: cols[i·ks + j][e·P + r·conv + c] = x_e[r+i][c+j]
+//!                 z    (N, Q)   = k · cols (+ bk), in place y_m3 = act(z)      gemm_nn
+//!                 y2   (m, F)   = pool(y_m3), flattened (n, r, c)              y⁽⁻²⁾
+//! 2. row blocks:  y1   (B, H)   = φ(y2 · w_m1ᵀ (+ b_m1))                       gemm_nn on w_m1ᵀ
+//!                 p    (B, C)   = softmax(y1 · wᵀ (+ b))                       gemm_nt
+//!                 dv   (B, C)   = (p − d) / B                                  ∂L/∂v (eq. 1)
+//!                 dv1  (B, H)   = (dv · w) ⊙ φ'(y1)                            gemm_nn
+//! 3. in parallel: dw_m1 (H, F)  = dv1ᵀ · y2, rows split                        gemm_nn (eq. 3)
+//!                 dy2  (B, F)   = dv1 · w_m1, rows split                       gemm_nn (eq. 4)
+//!                 dw   (C, H)   = dvᵀ · y1                                     gemm_nn (eq. 2)
+//! 4. per chunk:   dz   (N, Q)   = repool(dy2) ⊙ act'(y_m3)                     (eq. 5)
+//!                 cols_n (Q, KK) im2col again, position-major
+//!                 dk_chunk (N, KK) = dz · cols_n                               gemm_nn (eq. 6)
+//!    then dk = Σ dk_chunk in chunk order.
 //! ```
-//! Determinism: chunk boundaries depend only on the batch size, every output element of a
-//! product is computed by one fixed sequence of operations whichever thread runs it, and the only
-//! cross-chunk sums (`dk`, `dbk`) are taken in chunk order. So a result is bit-for-bit the same
-//! for any number of threads on a given machine.
+//! For one image (latency), step 2 uses dot products against `w_m1` directly instead of its
+//! transpose.
+//!
+//! Determinism: chunk and row-block boundaries depend only on the batch size, every output element
+//! of a product is computed by one fixed sequence of operations whichever thread runs it, and the
+//! only cross-chunk sums (`dk`, `dbk`) are taken in chunk order. So a result is bit-for-bit the
+//! same for any number of threads on a given machine.
 
 use crate::config::{Activation, NetConfig, Pooling};
-use crate::kernels::{gemm_nn, gemm_nt, im2col_t};
+use crate::kernels::{gemm_nn, gemm_nt, im2col_n, im2col_t};
 use crate::params::{Grads, Params};
 use rayon::prelude::*;
 
-/// Images per chunk: the unit of parallel work and of the fixed reduction order.
-pub const CHUNK: usize = 10;
+/// Images per conv chunk: the unit of parallel conv work and of the fixed `dk` reduction order.
+pub const CHUNK: usize = 4;
+/// Images per row block of the dense layers.
+const ROWS: usize = 12;
 
-/// Buffers for one chunk of up to [`CHUNK`] images.
+/// Scratch for one conv chunk (im2col buffers), reused.
 #[derive(Clone, Debug)]
 struct ChunkBuf {
-    /// (m, img²) pixels / 255
-    xf: Vec<f32>,
-    /// (KK, Q) im2col, transposed
+    /// (KK, Q) im2col for the forward conv, + 16 floats of slack
     cols: Vec<f32>,
-    /// (N, Q) conv maps y_m3
-    z: Vec<f32>,
+    /// (Q, KKp) im2col, position-major, taps padded with zeros to a multiple of 16, + slack
+    cols_n: Vec<f32>,
     /// (N, Q) ∂L/∂conv_pre
     dz: Vec<f32>,
-    /// (m, F) max-pool arg-max (index into z), empty for mean pooling
-    argmax: Vec<u32>,
-    /// (m, F) ∂L/∂y⁽⁻²⁾
-    dy2: Vec<f32>,
+    /// (N, KKp) kernel gradient over the padded taps
+    dk_pad: Vec<f32>,
     /// (N, KK) this chunk's kernel gradient
     dk: Vec<f32>,
     /// (N) this chunk's conv-bias gradient
     dbk: Vec<f32>,
-    loss: f64,
-    correct: usize,
 }
 
 impl ChunkBuf {
     fn new(cfg: &NetConfig) -> Self {
         let q = CHUNK * cfg.conv() * cfg.conv();
         let kk = cfg.ksize * cfg.ksize;
+        let kkp = kk.next_multiple_of(16);
         ChunkBuf {
-            xf: vec![0.0; CHUNK * cfg.pixels()],
-            cols: vec![0.0; kk * q],
-            z: vec![0.0; cfg.n_kernels * q],
+            cols: vec![0.0; kk * q + 16],
+            cols_n: vec![0.0; q * kkp + 16],
             dz: vec![0.0; cfg.n_kernels * q],
-            argmax: vec![0; if cfg.pooling == Pooling::Max { CHUNK * cfg.flat() } else { 0 }],
-            dy2: vec![0.0; CHUNK * cfg.flat()],
+            dk_pad: vec![0.0; cfg.n_kernels * kkp],
             dk: vec![0.0; cfg.n_kernels * kk],
             dbk: vec![0.0; if cfg.bias { cfg.n_kernels } else { 0 }],
-            loss: 0.0,
-            correct: 0,
         }
     }
 }
@@ -81,8 +77,16 @@ pub struct Workspace {
     cfg: NetConfig,
     max_batch: usize,
     chunks: Vec<ChunkBuf>,
+    /// (B, img²) pixels / 255, + 16 floats of slack
+    xf: Vec<f32>,
+    /// (B, N, P) conv maps y_m3, chunk by chunk: chunk c holds (N, Q) at c·CHUNK·N·P
+    z: Vec<f32>,
+    /// (B, F) max-pool arg-max (index into the chunk's z), empty for mean pooling
+    argmax: Vec<u32>,
     /// (B, F) y⁽⁻²⁾
     y2: Vec<f32>,
+    /// (F, H) w_m1ᵀ, refreshed from the parameters at each batched call
+    w1t: Vec<f32>,
     /// (B, H) y⁽⁻¹⁾
     y1: Vec<f32>,
     /// (B, C) probabilities y
@@ -91,6 +95,10 @@ pub struct Workspace {
     dv: Vec<f32>,
     /// (B, H) ∂L/∂v⁽⁻¹⁾ / B
     dv1: Vec<f32>,
+    /// (B, F) ∂L/∂y⁽⁻²⁾ / B
+    dy2: Vec<f32>,
+    /// per row block: (loss sum, correct)
+    scores: Vec<(f64, usize)>,
 }
 
 impl Workspace {
@@ -98,15 +106,22 @@ impl Workspace {
     pub fn new(cfg: &NetConfig, max_batch: usize) -> Self {
         let b = max_batch.max(1);
         let (f, h, c) = (cfg.flat(), cfg.hidden, cfg.classes);
+        let maps = cfg.n_kernels * cfg.conv() * cfg.conv();
         Workspace {
             cfg: *cfg,
             max_batch: b,
             chunks: (0..b.div_ceil(CHUNK)).map(|_| ChunkBuf::new(cfg)).collect(),
+            xf: vec![0.0; b * cfg.pixels() + 16],
+            z: vec![0.0; b * maps],
+            argmax: vec![0; if cfg.pooling == Pooling::Max { b * f } else { 0 }],
             y2: vec![0.0; b * f],
+            w1t: vec![0.0; f * h],
             y1: vec![0.0; b * h],
             p: vec![0.0; b * c],
             dv: vec![0.0; b * c],
             dv1: vec![0.0; b * h],
+            dy2: vec![0.0; b * f],
+            scores: vec![(0.0, 0); b.div_ceil(ROWS)],
         }
     }
     /// Probabilities `y` of the last forward pass for batch image `i`.
@@ -144,53 +159,30 @@ pub fn forward_backward(
     grads: &mut Grads<f32>,
 ) -> BatchStats {
     let b = idx.len();
-    assert!(b <= ws.max_batch, "batch {b} > workspace {}", ws.max_batch);
-    assert_eq!(ws.cfg, *cfg, "workspace built for another configuration");
     if b == 0 {
         return BatchStats::default();
     }
+    forward(cfg, p, images, Some(labels), idx, ws, true);
     let (f, h, c) = (cfg.flat(), cfg.hidden, cfg.classes);
-    let nch = b.div_ceil(CHUNK);
-    let scale = 1.0 / b as f32;
-
-    // Phase 1: forward, and the backward as far as ∂L/∂v⁽⁻¹⁾, per chunk.
-    (
-        ws.chunks[..nch].par_iter_mut(),
-        ws.y2[..b * f].par_chunks_mut(CHUNK * f),
-        ws.y1[..b * h].par_chunks_mut(CHUNK * h),
-        ws.p[..b * c].par_chunks_mut(CHUNK * c),
-        ws.dv[..b * c].par_chunks_mut(CHUNK * c),
-        ws.dv1[..b * h].par_chunks_mut(CHUNK * h),
-        idx.par_chunks(CHUNK),
-    )
-        .into_par_iter()
-        .for_each(|(cb, y2, y1, pr, dv, dv1, ids)| {
-            forward_chunk(cfg, p, images, ids, cb, y2, y1, pr);
-            score_chunk(cfg, labels, ids, pr, cb);
-            output_backward(cfg, p, labels, ids, pr, y1, dv, dv1, scale);
-        });
-
-    // Phase 2: the weight gradients of the dense layers over the whole batch, and each chunk's
-    // way back to the kernels, all in parallel.
     let (y2, y1, dv, dv1) = (&ws.y2[..b * f], &ws.y1[..b * h], &ws.dv[..b * c], &ws.dv1[..b * h]);
-    let chunks = &mut ws.chunks[..nch];
     let Grads { k: gk, bk: gbk, w_m1: gw1, b_m1: gb1, w: gw, b: gb } = grads;
+
+    // 3. dense weight gradients and ∂L/∂y⁽⁻²⁾, all row-split, in parallel.
+    let dy2 = &mut ws.dy2[..b * f];
     rayon::join(
         || {
-            // dw_m1 (H, F) = dv1ᵀ · y2, 24 rows (a multiple of the kernel's 6-row tile) per task.
-            const ROWS: usize = 24;
-            gw1.par_chunks_mut(ROWS * f).enumerate().for_each(|(t, out)| {
-                let rows = out.len() / f;
-                gemm_nn(rows, f, b, &dv1[t * ROWS..], 1, h, y2, f, out, f, false);
+            // dw_m1 (H, F) = dv1ᵀ · y2: 24 rows (a multiple of the kernel's 6-row tile) per task.
+            gw1.par_chunks_mut(24 * f).enumerate().for_each(|(t, out)| {
+                gemm_nn(out.len() / f, f, b, &dv1[t * 24..], 1, h, y2, f, out, f, false);
             });
         },
         || {
             rayon::join(
                 || {
-                    chunks
-                        .par_iter_mut()
-                        .zip(dv1.par_chunks(CHUNK * h))
-                        .for_each(|(cb, dv1c)| backward_chunk(cfg, p, dv1c, cb));
+                    // dy2 (B, F) = dv1 · w_m1
+                    dy2.par_chunks_mut(ROWS * f).zip(dv1.par_chunks(ROWS * h)).for_each(|(out, d)| {
+                        gemm_nn(d.len() / h, f, h, d, h, 1, &p.w_m1, f, out, f, false);
+                    });
                 },
                 || {
                     // dw (C, H) = dvᵀ · y1; biases: column sums of dv and dv1.
@@ -198,22 +190,33 @@ pub fn forward_backward(
                     col_sums(dv, c, gb);
                     col_sums(dv1, h, gb1);
                 },
-            );
+            )
         },
     );
+
+    // 4. back to the kernels, per chunk.
+    let nch = b.div_ceil(CHUNK);
+    let maps = cfg.n_kernels * cfg.conv() * cfg.conv();
+    let px = cfg.pixels();
+    let (xf, z, argmax, dy2) = (&ws.xf, &ws.z, &ws.argmax, &ws.dy2);
+    ws.chunks[..nch].par_iter_mut().enumerate().for_each(|(ci, cb)| {
+        let e0 = ci * CHUNK;
+        let m = CHUNK.min(b - e0);
+        let am = if argmax.is_empty() { &argmax[..] } else { &argmax[e0 * f..(e0 + m) * f] };
+        backward_chunk(cfg, m, &xf[e0 * px..], &z[e0 * maps..(e0 + m) * maps], am, &dy2[e0 * f..(e0 + m) * f], cb);
+    });
     // dk = Σ_chunks dk_chunk, in chunk order.
-    let mut stats = BatchStats::default();
+    let chunks = &ws.chunks[..nch];
     gk.copy_from_slice(&chunks[0].dk);
     gbk.copy_from_slice(&chunks[0].dbk);
-    for (i, cb) in chunks.iter().enumerate() {
-        if i > 0 {
-            gk.iter_mut().zip(&cb.dk).for_each(|(a, x)| *a += x);
-            gbk.iter_mut().zip(&cb.dbk).for_each(|(a, x)| *a += x);
-        }
-        stats.loss_sum += cb.loss;
-        stats.correct += cb.correct;
+    for cb in &chunks[1..] {
+        gk.iter_mut().zip(&cb.dk).for_each(|(a, x)| *a += x);
+        gbk.iter_mut().zip(&cb.dbk).for_each(|(a, x)| *a += x);
     }
-    stats
+    ws.scores[..b.div_ceil(ROWS)].iter().fold(BatchStats::default(), |s, &(l, k)| BatchStats {
+        loss_sum: s.loss_sum + l,
+        correct: s.correct + k,
+    })
 }
 
 /// Forward only; probabilities are then in [`Workspace::probs`]. With `labels`, the stats count
@@ -227,82 +230,143 @@ pub fn forward_batch(
     ws: &mut Workspace,
 ) -> BatchStats {
     let b = idx.len();
+    if b == 0 {
+        return BatchStats::default();
+    }
+    forward(cfg, p, images, labels, idx, ws, false);
+    ws.scores[..b.div_ceil(ROWS)].iter().fold(BatchStats::default(), |s, &(l, k)| BatchStats {
+        loss_sum: s.loss_sum + l,
+        correct: s.correct + k,
+    })
+}
+
+/// Steps 1–2: the forward pass, scores, and (when `train`) `dv` and `dv1`.
+fn forward(cfg: &NetConfig, p: &Params<f32>, images: &[u8], labels: Option<&[u8]>, idx: &[usize], ws: &mut Workspace, train: bool) {
+    let b = idx.len();
     assert!(b <= ws.max_batch, "batch {b} > workspace {}", ws.max_batch);
     assert_eq!(ws.cfg, *cfg, "workspace built for another configuration");
     let (f, h, c) = (cfg.flat(), cfg.hidden, cfg.classes);
+    let px = cfg.pixels();
+    let maps = cfg.n_kernels * cfg.conv() * cfg.conv();
     let nch = b.div_ceil(CHUNK);
-    let run = |(cb, y2, y1, pr, ids): (&mut ChunkBuf, &mut [f32], &mut [f32], &mut [f32], &[usize])| {
-        forward_chunk(cfg, p, images, ids, cb, y2, y1, pr);
-        match labels {
-            Some(l) => score_chunk(cfg, l, ids, pr, cb),
-            None => (cb.loss, cb.correct) = (0.0, 0),
+
+    // The batch is formed here: u8 → [0, 1].
+    ws.xf[..b * px].par_chunks_mut(CHUNK * px).zip(idx.par_chunks(CHUNK)).for_each(|(xf, ids)| {
+        for (dst, &id) in xf.chunks_exact_mut(px).zip(ids) {
+            for (d, &s) in dst.iter_mut().zip(&images[id * px..(id + 1) * px]) {
+                *d = f32::from(s) * (1.0 / 255.0);
+            }
         }
+    });
+
+    // 1. conv, activation, pooling, per chunk.
+    let xf = &ws.xf;
+    let one = b == 1;
+    let conv_part = |(ci, (cb, (z, (y2, am)))): (usize, (&mut ChunkBuf, (&mut [f32], (&mut [f32], &mut [u32]))))| {
+        let m = CHUNK.min(b - ci * CHUNK);
+        conv_forward_chunk(cfg, p, m, &xf[ci * CHUNK * px..], cb, z, y2, am);
     };
-    let parts = (
-        ws.chunks[..nch].par_iter_mut(),
-        ws.y2[..b * f].par_chunks_mut(CHUNK * f),
-        ws.y1[..b * h].par_chunks_mut(CHUNK * h),
-        ws.p[..b * c].par_chunks_mut(CHUNK * c),
-        idx.par_chunks(CHUNK),
-    );
-    if nch == 1 {
-        // One chunk (e.g. one image): no thread hand-off, for latency.
-        let (cb, y2, y1, pr) = (&mut ws.chunks[0], &mut ws.y2[..b * f], &mut ws.y1[..b * h], &mut ws.p[..b * c]);
-        run((cb, y2, y1, pr, idx));
+    let am_len = if ws.argmax.is_empty() { 0 } else { b * f };
+    let am_step = if ws.argmax.is_empty() { 1 } else { CHUNK * f };
+    if one {
+        let am = if am_len == 0 { &mut ws.argmax[..0] } else { &mut ws.argmax[..f] };
+        conv_part((0, (&mut ws.chunks[0], (&mut ws.z[..maps], (&mut ws.y2[..f], am)))));
     } else {
-        parts.into_par_iter().for_each(run);
+        let mut am_parts: Vec<&mut [u32]> = Vec::new();
+        if am_len == 0 {
+            am_parts.resize_with(nch, || &mut []);
+        } else {
+            am_parts.extend(ws.argmax[..am_len].chunks_mut(am_step));
+        }
+        ws.chunks[..nch]
+            .par_iter_mut()
+            .zip(ws.z[..b * maps].par_chunks_mut(CHUNK * maps).zip(ws.y2[..b * f].par_chunks_mut(CHUNK * f).zip(am_parts.into_par_iter())))
+            .enumerate()
+            .for_each(conv_part);
     }
-    let mut s = BatchStats::default();
-    for cb in &ws.chunks[..nch] {
-        s.loss_sum += cb.loss;
-        s.correct += cb.correct;
+
+    // 2. dense layers, output, scores and the output-side backward, per row block.
+    if !one {
+        transpose(&p.w_m1, h, f, &mut ws.w1t);
     }
-    s
+    let (y2, w1t) = (&ws.y2, &ws.w1t);
+    let scale = 1.0 / b as f32;
+    let nrb = b.div_ceil(ROWS);
+    (
+        ws.y1[..b * h].par_chunks_mut(ROWS * h),
+        ws.p[..b * c].par_chunks_mut(ROWS * c),
+        ws.dv[..b * c].par_chunks_mut(ROWS * c),
+        ws.dv1[..b * h].par_chunks_mut(ROWS * h),
+        idx.par_chunks(ROWS),
+        ws.scores[..nrb].par_iter_mut(),
+    )
+        .into_par_iter()
+        .enumerate()
+        .for_each(|(rb, (y1, pr, dv, dv1, ids, score))| {
+            let m = ids.len();
+            let y2 = &y2[rb * ROWS * f..(rb * ROWS + m) * f];
+            // y1 (m, H) = φ(y2 · w_m1ᵀ + b_m1)
+            if one {
+                gemm_nt(m, h, f, y2, f, &p.w_m1, f, y1, h, false);
+            } else {
+                gemm_nn(m, h, f, y2, f, 1, w1t, h, y1, h, false);
+            }
+            if !p.b_m1.is_empty() {
+                for row in y1.chunks_exact_mut(h) {
+                    row.iter_mut().zip(&p.b_m1).for_each(|(v, b)| *v += b);
+                }
+            }
+            act_in_place(cfg.act, y1);
+            // p (m, C) = softmax(y1 · wᵀ + b)
+            gemm_nt(m, c, h, y1, h, &p.w, h, pr, c, false);
+            for row in pr.chunks_exact_mut(c) {
+                row.iter_mut().zip(&p.b).for_each(|(v, b)| *v += b);
+                softmax_in_place(row);
+            }
+            *score = match labels {
+                Some(l) => score_rows(c, l, ids, pr),
+                None => (0.0, 0),
+            };
+            if train {
+                let l = labels.expect("training needs labels");
+                output_backward(cfg, p, l, ids, pr, y1, dv, dv1, scale);
+            }
+        });
 }
 
-/// im2col + conv + activation + pooling + both dense layers + softmax for one chunk.
-#[allow(clippy::too_many_arguments)]
-fn forward_chunk(cfg: &NetConfig, p: &Params<f32>, images: &[u8], ids: &[usize], cb: &mut ChunkBuf, y2: &mut [f32], y1: &mut [f32], pr: &mut [f32]) {
-    let m = ids.len();
-    let (img, ks, conv) = (cfg.img, cfg.ksize, cfg.conv());
-    let (kk, pp, nk, f, h, c) = (ks * ks, conv * conv, cfg.n_kernels, cfg.flat(), cfg.hidden, cfg.classes);
-    let (px, q) = (img * img, m * pp);
-
-    // xf: (m, img²), the batch is formed here: u8 → [0, 1]
-    for (e, &id) in ids.iter().enumerate() {
-        let src = &images[id * px..(id + 1) * px];
-        for (d, &s) in cb.xf[e * px..(e + 1) * px].iter_mut().zip(src) {
-            *d = f32::from(s) * (1.0 / 255.0);
+/// `out (cols, rows) = aᵀ` for a row-major `a` (rows, cols), in cache-sized blocks.
+fn transpose(a: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
+    const T: usize = 32;
+    for i0 in (0..rows).step_by(T) {
+        for j0 in (0..cols).step_by(T) {
+            for i in i0..(i0 + T).min(rows) {
+                for j in j0..(j0 + T).min(cols) {
+                    out[j * rows + i] = a[i * cols + j];
+                }
+            }
         }
     }
-    // cols: (KK, Q), cols[i·ks + j][e·P + r·conv + c] = x_e[r+i][c+j]
-    im2col_t(&cb.xf, m, img, ks, &mut cb.cols, q);
+}
+
+/// im2col + conv + activation + pooling for one chunk of `m` images whose pixels start at `xf`.
+#[allow(clippy::too_many_arguments)]
+fn conv_forward_chunk(cfg: &NetConfig, p: &Params<f32>, m: usize, xf: &[f32], cb: &mut ChunkBuf, z: &mut [f32], y2: &mut [f32], am: &mut [u32]) {
+    let (img, ks, conv) = (cfg.img, cfg.ksize, cfg.conv());
+    let (kk, nk) = (ks * ks, cfg.n_kernels);
+    let q = m * conv * conv;
+    // cols: (KK, Q)
+    im2col_t(xf, m, img, ks, &mut cb.cols, q);
     // z: (N, Q) = k (N, KK) · cols (KK, Q), + bias, activation in place → y_m3
-    gemm_nn(nk, q, kk, &p.k, kk, 1, &cb.cols, q, &mut cb.z, q, false);
+    gemm_nn(nk, q, kk, &p.k, kk, 1, &cb.cols, q, z, q, false);
+    let z = &mut z[..nk * q];
     if !p.bk.is_empty() {
-        for (row, &bias) in cb.z[..nk * q].chunks_exact_mut(q).zip(&p.bk) {
+        for (row, &bias) in z.chunks_exact_mut(q).zip(&p.bk) {
             row.iter_mut().for_each(|v| *v += bias);
         }
     }
-    act_in_place(cfg.conv_act, &mut cb.z[..nk * q]);
+    act_in_place(cfg.conv_act, z);
     // y2: (m, F)
-    pool_forward(cfg, m, &cb.z, y2, &mut cb.argmax);
-    // y1: (m, H) = φ(y2 · w_m1ᵀ + b_m1)
-    gemm_nt(m, h, f, y2, f, &p.w_m1, f, y1, h, false);
-    if !p.b_m1.is_empty() {
-        for row in y1[..m * h].chunks_exact_mut(h) {
-            row.iter_mut().zip(&p.b_m1).for_each(|(v, b)| *v += b);
-        }
-    }
-    act_in_place(cfg.act, &mut y1[..m * h]);
-    // p: (m, C) = softmax(y1 · wᵀ + b)
-    gemm_nt(m, c, h, y1, h, &p.w, h, pr, c, false);
-    for row in pr[..m * c].chunks_exact_mut(c) {
-        for (v, bb) in row.iter_mut().zip(&p.b) {
-            *v += bb;
-        }
-        softmax_in_place(row);
-    }
+    pool_forward(cfg, m, z, y2, am);
 }
 
 /// Softmax of logits, in place. The max is subtracted first so `exp` cannot overflow; the
@@ -320,20 +384,19 @@ fn softmax_in_place(v: &mut [f32]) {
     }
 }
 
-/// Loss and correct count of a chunk whose forward pass is done. The loss is `−log y_label`,
+/// Loss sum and correct count of rows whose forward pass is done. The loss is `−log y_label`,
 /// floored at `1e-30` inside the log only to keep it finite.
-fn score_chunk(cfg: &NetConfig, labels: &[u8], ids: &[usize], pr: &[f32], cb: &mut ChunkBuf) {
-    let c = cfg.classes;
-    cb.loss = 0.0;
-    cb.correct = 0;
+fn score_rows(c: usize, labels: &[u8], ids: &[usize], pr: &[f32]) -> (f64, usize) {
+    let (mut loss, mut correct) = (0.0, 0);
     for (e, &id) in ids.iter().enumerate() {
         let row = &pr[e * c..(e + 1) * c];
         let l = usize::from(labels[id]);
-        cb.loss -= f64::from(row[l].max(1e-30)).ln();
+        loss -= f64::from(row[l].max(1e-30)).ln();
         if argmax(row) == l {
-            cb.correct += 1;
+            correct += 1;
         }
     }
+    (loss, correct)
 }
 
 /// `dv = (y − d)/B` (eq. 1, as a batch mean) and `dv1 = (dv · w) ⊙ φ'(y1)` for one chunk.
@@ -351,15 +414,19 @@ fn output_backward(cfg: &NetConfig, p: &Params<f32>, labels: &[u8], ids: &[usize
     act_backward_in_place(cfg.act, &mut dv1[..m * h], y1);
 }
 
-/// For one chunk: `dy2 = dv1 · w_m1` (eq. 4), re-pooled and times `act'` (eq. 5) into `dz`, and
-/// the chunk's kernel gradient `dk = dz · colsᵀ` (eq. 6).
-fn backward_chunk(cfg: &NetConfig, p: &Params<f32>, dv1: &[f32], cb: &mut ChunkBuf) {
-    let (h, f, nk) = (cfg.hidden, cfg.flat(), cfg.n_kernels);
-    let m = dv1.len() / h;
+/// For one chunk of `m` images: `dy2` re-pooled and times `act'` (eq. 5) into `dz`, and the
+/// chunk's kernel gradient `dk = dz · cols_n` (eq. 6).
+fn backward_chunk(cfg: &NetConfig, m: usize, xf: &[f32], z: &[f32], am: &[u32], dy2: &[f32], cb: &mut ChunkBuf) {
+    let nk = cfg.n_kernels;
     let (kk, q) = (cfg.ksize * cfg.ksize, m * cfg.conv() * cfg.conv());
-    gemm_nn(m, f, h, dv1, h, 1, &p.w_m1, f, &mut cb.dy2, f, false);
-    pool_backward(cfg, m, &cb.dy2, &cb.argmax, &cb.z, &mut cb.dz);
-    gemm_nt(nk, kk, q, &cb.dz, q, &cb.cols, q, &mut cb.dk, kk, false);
+    let kkp = kk.next_multiple_of(16);
+    pool_backward(cfg, m, dy2, am, z, &mut cb.dz);
+    // dk (N, KKp) = dz (N, Q) · cols_n (Q, KKp): SIMD lanes over the taps, no horizontal sums.
+    im2col_n(xf, m, cfg.img, cfg.ksize, &mut cb.cols_n, kkp);
+    gemm_nn(nk, kkp, q, &cb.dz, q, 1, &cb.cols_n, kkp, &mut cb.dk_pad, kkp, false);
+    for (d, s) in cb.dk.chunks_exact_mut(kk).zip(cb.dk_pad.chunks_exact(kkp)) {
+        d.copy_from_slice(&s[..kk]);
+    }
     for (n, b) in cb.dbk.iter_mut().enumerate() {
         // Summed in f64: a map row has Q terms (thousands), too many for a plain f32 sum.
         *b = cb.dz[n * q..(n + 1) * q].iter().map(|&v| f64::from(v)).sum::<f64>() as f32;

@@ -235,6 +235,50 @@ pub fn im2col_t_naive(x: &[f32], m: usize, img: usize, ks: usize, cols: &mut [f3
     }
 }
 
+/// im2col, position-major, for the kernel gradient: for `m` images (`x`: (m, img²)) writes
+/// `cols[(e·conv² + r·conv + c)·ldc + i·ks + j] = x[e][(r+i)·img + c + j]`, i.e. `cols` is
+/// (m·conv², ldc) with the `ks²` taps along each row. Columns `ks²..ldc` are left as they are
+/// (keep them 0 so a product over the padded width adds nothing).
+///
+/// # Panics
+/// If `x` or `cols` is too short, or `ldc < ks²`.
+pub fn im2col_n(x: &[f32], m: usize, img: usize, ks: usize, cols: &mut [f32], ldc: usize) {
+    assert!(ks >= 1 && ks <= img, "im2col: kernel {ks} for image {img}");
+    let conv = img + 1 - ks;
+    let rows = m * conv * conv;
+    assert!(x.len() >= m * img * img, "im2col: x has {} values, needs {}", x.len(), m * img * img);
+    assert!(ldc >= ks * ks, "im2col: ldc {ldc} < {}", ks * ks);
+    assert!(rows == 0 || cols.len() >= (rows - 1) * ldc + ks * ks, "im2col: cols too short");
+    #[cfg(target_arch = "x86_64")]
+    if backend() == Backend::Avx512 && ks <= 16 && x.len() >= m * img * img + 16 && cols.len() >= rows * ldc + 16 {
+        // SAFETY: AVX-512F was detected (`backend`). Each copy reads 16 floats from
+        // x[e·img² + (r+i)·img + c] (≤ m·img² − 1, so ≤ x.len() − 16 + 15 with the 16 floats of
+        // slack checked above) and writes 16 floats at cols[q·ldc + i·ks] (≤ (rows−1)·ldc + ks² − ks
+        // + 15 < rows·ldc + 16 ≤ cols.len()). The 16 − ks extra floats written land on the next
+        // tap(s) of the same row, which later copies overwrite, or in the row's padding / slack.
+        unsafe { avx512::im2col_n(x.as_ptr(), m, img, ks, cols.as_mut_ptr(), ldc) };
+        return;
+    }
+    im2col_n_naive(x, m, img, ks, cols, ldc);
+}
+
+/// The plain-loop [`im2col_n`], also the fallback.
+pub fn im2col_n_naive(x: &[f32], m: usize, img: usize, ks: usize, cols: &mut [f32], ldc: usize) {
+    let conv = img + 1 - ks;
+    for e in 0..m {
+        for r in 0..conv {
+            for c in 0..conv {
+                let q = (e * conv + r) * conv + c;
+                for i in 0..ks {
+                    for j in 0..ks {
+                        cols[q * ldc + i * ks + j] = x[e * img * img + (r + i) * img + c + j];
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The reference for [`gemm_nn`]: plain loops, summing over `p` in order.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_nn_naive(m: usize, n: usize, k: usize, a: &[f32], ars: usize, acs: usize, b: &[f32], ldb: usize, c: &mut [f32], ldc: usize, acc: bool) {
@@ -270,6 +314,8 @@ mod avx512 {
     /// Rows of C per `nn` tile (one broadcast of A each) and 16-lane vectors of C per row.
     const NN_MR: usize = 6;
     const NN_NV: usize = 4;
+    /// Depth of one pass over k: B's `NN_KC × 64` panel stays in L1 while every row tile uses it.
+    const NN_KC: usize = 128;
     /// Rows of A and of B per `nt` tile: 4×4 = 16 dot products at once.
     const NT_MR: usize = 4;
     const NT_NR: usize = 4;
@@ -338,35 +384,43 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn nn(m: usize, n: usize, k: usize, a: *const f32, ars: usize, acs: usize, b: *const f32, ldb: usize, c: *mut f32, ldc: usize, acc: bool) {
-        let mut j = 0;
-        while j < n {
-            let w = (n - j).min(NN_NV * 16);
-            let nv = w.div_ceil(16);
-            let last = mask(w - 16 * (nv - 1));
-            let mut i = 0;
-            while i < m {
-                let mr = (m - i).min(NN_MR);
-                // SAFETY: the tile covers rows i..i+mr < m and columns j..j+w ≤ n, in bounds.
-                unsafe {
-                    let (ap, bp, cp) = (a.add(i * ars), b.add(j), c.add(i * ldc + j));
-                    macro_rules! go {
-                        ($($mr:literal),*) => {
-                            match (mr, nv) {
-                                $(
-                                    ($mr, 1) => nn_tile::<$mr, 1>(k, ap, ars, acs, bp, ldb, cp, ldc, last, acc),
-                                    ($mr, 2) => nn_tile::<$mr, 2>(k, ap, ars, acs, bp, ldb, cp, ldc, last, acc),
-                                    ($mr, 3) => nn_tile::<$mr, 3>(k, ap, ars, acs, bp, ldb, cp, ldc, last, acc),
-                                    ($mr, 4) => nn_tile::<$mr, 4>(k, ap, ars, acs, bp, ldb, cp, ldc, last, acc),
-                                )*
-                                _ => unreachable!("tile {mr}×{nv}"),
-                            }
-                        };
+        let mut p0 = 0;
+        while p0 < k {
+            let kc = (k - p0).min(NN_KC);
+            // Later passes over k add to what the earlier ones stored.
+            let acc = acc || p0 > 0;
+            let mut j = 0;
+            while j < n {
+                let w = (n - j).min(NN_NV * 16);
+                let nv = w.div_ceil(16);
+                let last = mask(w - 16 * (nv - 1));
+                let mut i = 0;
+                while i < m {
+                    let mr = (m - i).min(NN_MR);
+                    // SAFETY: the tile covers rows i..i+mr < m, columns j..j+w ≤ n and depth
+                    // p0..p0+kc ≤ k, all in bounds.
+                    unsafe {
+                        let (ap, bp, cp) = (a.add(i * ars + p0 * acs), b.add(p0 * ldb + j), c.add(i * ldc + j));
+                        macro_rules! go {
+                            ($($mr:literal),*) => {
+                                match (mr, nv) {
+                                    $(
+                                        ($mr, 1) => nn_tile::<$mr, 1>(kc, ap, ars, acs, bp, ldb, cp, ldc, last, acc),
+                                        ($mr, 2) => nn_tile::<$mr, 2>(kc, ap, ars, acs, bp, ldb, cp, ldc, last, acc),
+                                        ($mr, 3) => nn_tile::<$mr, 3>(kc, ap, ars, acs, bp, ldb, cp, ldc, last, acc),
+                                        ($mr, 4) => nn_tile::<$mr, 4>(kc, ap, ars, acs, bp, ldb, cp, ldc, last, acc),
+                                    )*
+                                    _ => unreachable!("tile {mr}×{nv}"),
+                                }
+                            };
+                        }
+                        go!(1, 2, 3, 4, 5, 6);
                     }
-                    go!(1, 2, 3, 4, 5, 6);
+                    i += mr;
                 }
-                i += mr;
+                j += w;
             }
-            j += w;
+            p0 += kc;
         }
     }
 
@@ -395,6 +449,32 @@ mod avx512 {
                                 let mk = if v + 1 == nv { last } else { 0xffff };
                                 _mm512_mask_storeu_ps(dst.add(16 * v), mk, _mm512_maskz_loadu_ps(mk, src.add(16 * v)));
                             }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// See `super::im2col_n`: each tap row of `ks ≤ 16` floats is one full 16-float load and
+    /// store (unmasked: masked stores cannot forward and were measured 3× slower here); taps are
+    /// written in increasing order so each store's spill is overwritten by the next one.
+    ///
+    /// # Safety
+    /// AVX-512F present, `ks ≤ 16`, and 16 floats of slack after x and cols (see caller).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn im2col_n(x: *const f32, m: usize, img: usize, ks: usize, cols: *mut f32, ldc: usize) {
+        let conv = img + 1 - ks;
+        for e in 0..m {
+            for r in 0..conv {
+                for c in 0..conv {
+                    let q = (e * conv + r) * conv + c;
+                    for i in 0..ks {
+                        // SAFETY: reads 16 floats at x[e][(r+i)·img + c] and writes 16 at
+                        // cols[q·ldc + i·ks], in bounds thanks to the slack (see caller).
+                        unsafe {
+                            let v = _mm512_loadu_ps(x.add(e * img * img + (r + i) * img + c));
+                            _mm512_storeu_ps(cols.add(q * ldc + i * ks), v);
                         }
                     }
                 }
@@ -446,12 +526,13 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn nt(m: usize, n: usize, k: usize, a: *const f32, lda: usize, b: *const f32, ldb: usize, c: *mut f32, ldc: usize, acc: bool) {
-        let mut i = 0;
-        while i < m {
-            let mr = (m - i).min(NT_MR);
-            let mut j = 0;
-            while j < n {
-                let nr = (n - j).min(NT_NR);
+        // B's row tile outer: it is loaded once from L2 while A's rows are reused from L1.
+        let mut j = 0;
+        while j < n {
+            let nr = (n - j).min(NT_NR);
+            let mut i = 0;
+            while i < m {
+                let mr = (m - i).min(NT_MR);
                 // SAFETY: the tile covers rows i..i+mr < m of A and C, rows j..j+nr < n of B.
                 unsafe {
                     let (ap, bp, cp) = (a.add(i * lda), b.add(j * ldb), c.add(i * ldc + j));
@@ -470,9 +551,9 @@ mod avx512 {
                     }
                     go!(1, 2, 3, 4);
                 }
-                j += nr;
+                i += mr;
             }
-            i += mr;
+            j += nr;
         }
     }
 }
@@ -575,6 +656,11 @@ mod tests {
             let mut b = a.clone();
             im2col_t(&x, m, img, ks, &mut a, ldc);
             im2col_t_naive(&x, m, img, ks, &mut b, ldc);
+            assert_eq!(a, b);
+            let mut a = vec![0.0; m * conv * conv * 96];
+            let mut b = a.clone();
+            im2col_n(&x, m, img, ks, &mut a, 96);
+            im2col_n_naive(&x, m, img, ks, &mut b, 96);
             assert_eq!(a, b);
         }
     }
