@@ -2,11 +2,12 @@
 //!
 //! Same formulas as [`crate::reference`], laid out for throughput on the products of
 //! [`crate::kernels`]. Shapes for a batch of `B` images (`P = conv²` positions, `KK = ks²` taps,
-//! `N` kernels, `F = flat`, `H = hidden`, `C = classes`); the conv layer works on chunks of
-//! `m ≤ CHUNK` images (`Q = m·P`) so its im2col buffers stay in the core's L2 cache:
+//! `N` kernels, `F = flat`, `H = hidden`, `C = classes`). The conv layer uses the "wide" layout of
+//! [`crate::kernels::Wide`]: map position `(r, c)` at `r·img + c`, `WQ` positions per map (560 by
+//! default, 400 of them valid), so that each tap reads one contiguous run of the image and no
+//! im2col copy is made. It works on chunks of `m ≤ CHUNK` images:
 //! ```text
-//! 1. per chunk:   cols (KK, Q)  im2col: cols[i·ks + j][e·P + r·conv + c] = x_e[r+i][c+j]
-//!                 z    (N, Q)   = k · cols (+ bk), in place y_m3 = act(z)      gemm_nn
+//! 1. per chunk:   z    (m, N, WQ) = x ⋆ k (+ bk), in place y_m3 = act(z)        conv_wide
 //!                 y2   (m, F)   = pool(y_m3), flattened (n, r, c)              y⁽⁻²⁾
 //! 2. row blocks:  y1   (B, H)   = φ(y2 · w_m1ᵀ (+ b_m1))                       gemm_nn on w_m1ᵀ
 //!                 p    (B, C)   = softmax(y1 · wᵀ (+ b))                       gemm_nt
@@ -15,9 +16,8 @@
 //! 3. in parallel: dw_m1 (H, F)  = dv1ᵀ · y2, rows split                        gemm_nn (eq. 3)
 //!                 dy2  (B, F)   = dv1 · w_m1, rows split                       gemm_nn (eq. 4)
 //!                 dw   (C, H)   = dvᵀ · y1                                     gemm_nn (eq. 2)
-//! 4. per chunk:   dz   (N, Q)   = repool(dy2) ⊙ act'(y_m3)                     (eq. 5)
-//!                 cols_n (Q, KK) im2col again, position-major
-//!                 dk_chunk (N, KK) = dz · cols_n                               gemm_nn (eq. 6)
+//! 4. per chunk:   dz   (m, N, WQ) = repool(dy2) ⊙ act'(y_m3), 0 at junk       (eq. 5)
+//!                 dk_chunk (N, KK) = Σ_e x_e ⋆ dz_e                            conv_wide_dk (eq. 6)
 //!    then dk = Σ dk_chunk in chunk order.
 //! ```
 //! For one image (latency), step 2 uses dot products against `w_m1` directly instead of its
@@ -29,7 +29,7 @@
 //! same for any number of threads on a given machine.
 
 use crate::config::{Activation, NetConfig, Pooling};
-use crate::kernels::{gemm_nn, gemm_nt, im2col_n, im2col_t};
+use crate::kernels::{Wide, conv_wide, conv_wide_dk, gemm_nn, gemm_nt};
 use crate::params::{Grads, Params};
 use rayon::prelude::*;
 
@@ -38,17 +38,11 @@ pub const CHUNK: usize = 4;
 /// Images per row block of the dense layers.
 const ROWS: usize = 12;
 
-/// Scratch for one conv chunk (im2col buffers), reused.
+/// Scratch for one conv chunk, reused.
 #[derive(Clone, Debug)]
 struct ChunkBuf {
-    /// (KK, Q) im2col for the forward conv, + 16 floats of slack
-    cols: Vec<f32>,
-    /// (Q, KKp) im2col, position-major, taps padded with zeros to a multiple of 16, + slack
-    cols_n: Vec<f32>,
-    /// (N, Q) ∂L/∂conv_pre
+    /// (m, N, WQ) ∂L/∂conv_pre, zero at the junk positions
     dz: Vec<f32>,
-    /// (N, KKp) kernel gradient over the padded taps
-    dk_pad: Vec<f32>,
     /// (N, KK) this chunk's kernel gradient
     dk: Vec<f32>,
     /// (N) this chunk's conv-bias gradient
@@ -57,18 +51,17 @@ struct ChunkBuf {
 
 impl ChunkBuf {
     fn new(cfg: &NetConfig) -> Self {
-        let q = CHUNK * cfg.conv() * cfg.conv();
-        let kk = cfg.ksize * cfg.ksize;
-        let kkp = kk.next_multiple_of(16);
+        let w = wide(cfg);
         ChunkBuf {
-            cols: vec![0.0; kk * q + 16],
-            cols_n: vec![0.0; q * kkp + 16],
-            dz: vec![0.0; cfg.n_kernels * q],
-            dk_pad: vec![0.0; cfg.n_kernels * kkp],
-            dk: vec![0.0; cfg.n_kernels * kk],
+            dz: vec![0.0; CHUNK * cfg.n_kernels * w.wq()],
+            dk: vec![0.0; cfg.n_kernels * cfg.ksize * cfg.ksize],
             dbk: vec![0.0; if cfg.bias { cfg.n_kernels } else { 0 }],
         }
     }
+}
+
+fn wide(cfg: &NetConfig) -> Wide {
+    Wide { img: cfg.img, ks: cfg.ksize }
 }
 
 /// Reusable buffers for batched passes of up to `max_batch` images; nothing is allocated per batch.
@@ -77,9 +70,9 @@ pub struct Workspace {
     cfg: NetConfig,
     max_batch: usize,
     chunks: Vec<ChunkBuf>,
-    /// (B, img²) pixels / 255, + 16 floats of slack
+    /// (B, slot) pixels / 255, each image in a zero-padded slot of `Wide::slot` floats
     xf: Vec<f32>,
-    /// (B, N, P) conv maps y_m3, chunk by chunk: chunk c holds (N, Q) at c·CHUNK·N·P
+    /// (B, N, WQ) conv maps y_m3 in the wide layout
     z: Vec<f32>,
     /// (B, F) max-pool arg-max (index into the chunk's z), empty for mean pooling
     argmax: Vec<u32>,
@@ -106,12 +99,12 @@ impl Workspace {
     pub fn new(cfg: &NetConfig, max_batch: usize) -> Self {
         let b = max_batch.max(1);
         let (f, h, c) = (cfg.flat(), cfg.hidden, cfg.classes);
-        let maps = cfg.n_kernels * cfg.conv() * cfg.conv();
+        let maps = cfg.n_kernels * wide(cfg).wq();
         Workspace {
             cfg: *cfg,
             max_batch: b,
             chunks: (0..b.div_ceil(CHUNK)).map(|_| ChunkBuf::new(cfg)).collect(),
-            xf: vec![0.0; b * cfg.pixels() + 16],
+            xf: vec![0.0; b * wide(cfg).slot()],
             z: vec![0.0; b * maps],
             argmax: vec![0; if cfg.pooling == Pooling::Max { b * f } else { 0 }],
             y2: vec![0.0; b * f],
@@ -196,14 +189,14 @@ pub fn forward_backward(
 
     // 4. back to the kernels, per chunk.
     let nch = b.div_ceil(CHUNK);
-    let maps = cfg.n_kernels * cfg.conv() * cfg.conv();
-    let px = cfg.pixels();
+    let w = wide(cfg);
+    let (maps, xs) = (cfg.n_kernels * w.wq(), w.slot());
     let (xf, z, argmax, dy2) = (&ws.xf, &ws.z, &ws.argmax, &ws.dy2);
     ws.chunks[..nch].par_iter_mut().enumerate().for_each(|(ci, cb)| {
         let e0 = ci * CHUNK;
         let m = CHUNK.min(b - e0);
         let am = if argmax.is_empty() { &argmax[..] } else { &argmax[e0 * f..(e0 + m) * f] };
-        backward_chunk(cfg, m, &xf[e0 * px..], &z[e0 * maps..(e0 + m) * maps], am, &dy2[e0 * f..(e0 + m) * f], cb);
+        backward_chunk(cfg, m, &xf[e0 * xs..(e0 + m) * xs], &z[e0 * maps..(e0 + m) * maps], am, &dy2[e0 * f..(e0 + m) * f], cb);
     });
     // dk = Σ_chunks dk_chunk, in chunk order.
     let chunks = &ws.chunks[..nch];
@@ -247,13 +240,14 @@ fn forward(cfg: &NetConfig, p: &Params<f32>, images: &[u8], labels: Option<&[u8]
     assert_eq!(ws.cfg, *cfg, "workspace built for another configuration");
     let (f, h, c) = (cfg.flat(), cfg.hidden, cfg.classes);
     let px = cfg.pixels();
-    let maps = cfg.n_kernels * cfg.conv() * cfg.conv();
+    let w = wide(cfg);
+    let (maps, xs) = (cfg.n_kernels * w.wq(), w.slot());
     let nch = b.div_ceil(CHUNK);
 
-    // The batch is formed here: u8 → [0, 1].
-    ws.xf[..b * px].par_chunks_mut(CHUNK * px).zip(idx.par_chunks(CHUNK)).for_each(|(xf, ids)| {
-        for (dst, &id) in xf.chunks_exact_mut(px).zip(ids) {
-            for (d, &s) in dst.iter_mut().zip(&images[id * px..(id + 1) * px]) {
+    // The batch is formed here: u8 → [0, 1], one zero-padded slot per image.
+    ws.xf[..b * xs].par_chunks_mut(CHUNK * xs).zip(idx.par_chunks(CHUNK)).for_each(|(xf, ids)| {
+        for (dst, &id) in xf.chunks_exact_mut(xs).zip(ids) {
+            for (d, &s) in dst[..px].iter_mut().zip(&images[id * px..(id + 1) * px]) {
                 *d = f32::from(s) * (1.0 / 255.0);
             }
         }
@@ -262,9 +256,9 @@ fn forward(cfg: &NetConfig, p: &Params<f32>, images: &[u8], labels: Option<&[u8]
     // 1. conv, activation, pooling, per chunk.
     let xf = &ws.xf;
     let one = b == 1;
-    let conv_part = |(ci, (cb, (z, (y2, am)))): (usize, (&mut ChunkBuf, (&mut [f32], (&mut [f32], &mut [u32]))))| {
+    let conv_part = |(ci, (_cb, (z, (y2, am)))): (usize, (&mut ChunkBuf, (&mut [f32], (&mut [f32], &mut [u32]))))| {
         let m = CHUNK.min(b - ci * CHUNK);
-        conv_forward_chunk(cfg, p, m, &xf[ci * CHUNK * px..], cb, z, y2, am);
+        conv_forward_chunk(cfg, p, m, &xf[ci * CHUNK * xs..(ci * CHUNK + m) * xs], z, y2, am);
     };
     let am_len = if ws.argmax.is_empty() { 0 } else { b * f };
     let am_step = if ws.argmax.is_empty() { 1 } else { CHUNK * f };
@@ -348,19 +342,15 @@ fn transpose(a: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
     }
 }
 
-/// im2col + conv + activation + pooling for one chunk of `m` images whose pixels start at `xf`.
-#[allow(clippy::too_many_arguments)]
-fn conv_forward_chunk(cfg: &NetConfig, p: &Params<f32>, m: usize, xf: &[f32], cb: &mut ChunkBuf, z: &mut [f32], y2: &mut [f32], am: &mut [u32]) {
-    let (img, ks, conv) = (cfg.img, cfg.ksize, cfg.conv());
-    let (kk, nk) = (ks * ks, cfg.n_kernels);
-    let q = m * conv * conv;
-    // cols: (KK, Q)
-    im2col_t(xf, m, img, ks, &mut cb.cols, q);
-    // z: (N, Q) = k (N, KK) · cols (KK, Q), + bias, activation in place → y_m3
-    gemm_nn(nk, q, kk, &p.k, kk, 1, &cb.cols, q, z, q, false);
-    let z = &mut z[..nk * q];
+/// Conv + activation + pooling for one chunk of `m` images (`xf`: their slots).
+fn conv_forward_chunk(cfg: &NetConfig, p: &Params<f32>, m: usize, xf: &[f32], z: &mut [f32], y2: &mut [f32], am: &mut [u32]) {
+    let w = wide(cfg);
+    let (nk, wq) = (cfg.n_kernels, w.wq());
+    // z: (m, N, WQ) = x ⋆ k, + bias, activation in place → y_m3
+    conv_wide(w, &p.k, nk, xf, m, z);
+    let z = &mut z[..m * nk * wq];
     if !p.bk.is_empty() {
-        for (row, &bias) in z.chunks_exact_mut(q).zip(&p.bk) {
+        for (row, &bias) in z.chunks_exact_mut(wq).zip(p.bk.iter().cycle()) {
             row.iter_mut().for_each(|v| *v += bias);
         }
     }
@@ -415,21 +405,18 @@ fn output_backward(cfg: &NetConfig, p: &Params<f32>, labels: &[u8], ids: &[usize
 }
 
 /// For one chunk of `m` images: `dy2` re-pooled and times `act'` (eq. 5) into `dz`, and the
-/// chunk's kernel gradient `dk = dz · cols_n` (eq. 6).
+/// chunk's kernel gradient `dk = Σ_e x_e ⋆ dz_e` (eq. 6).
 fn backward_chunk(cfg: &NetConfig, m: usize, xf: &[f32], z: &[f32], am: &[u32], dy2: &[f32], cb: &mut ChunkBuf) {
-    let nk = cfg.n_kernels;
-    let (kk, q) = (cfg.ksize * cfg.ksize, m * cfg.conv() * cfg.conv());
-    let kkp = kk.next_multiple_of(16);
+    let w = wide(cfg);
+    let (nk, wq) = (cfg.n_kernels, w.wq());
     pool_backward(cfg, m, dy2, am, z, &mut cb.dz);
-    // dk (N, KKp) = dz (N, Q) · cols_n (Q, KKp): SIMD lanes over the taps, no horizontal sums.
-    im2col_n(xf, m, cfg.img, cfg.ksize, &mut cb.cols_n, kkp);
-    gemm_nn(nk, kkp, q, &cb.dz, q, 1, &cb.cols_n, kkp, &mut cb.dk_pad, kkp, false);
-    for (d, s) in cb.dk.chunks_exact_mut(kk).zip(cb.dk_pad.chunks_exact(kkp)) {
-        d.copy_from_slice(&s[..kk]);
-    }
+    conv_wide_dk(w, &cb.dz, nk, xf, m, &mut cb.dk);
     for (n, b) in cb.dbk.iter_mut().enumerate() {
-        // Summed in f64: a map row has Q terms (thousands), too many for a plain f32 sum.
-        *b = cb.dz[n * q..(n + 1) * q].iter().map(|&v| f64::from(v)).sum::<f64>() as f32;
+        // Summed in f64: m·conv² terms (thousands), too many for a plain f32 sum. Junk is 0.
+        *b = (0..m)
+            .flat_map(|e| &cb.dz[(e * nk + n) * wq..(e * nk + n + 1) * wq])
+            .map(|&v| f64::from(v))
+            .sum::<f64>() as f32;
     }
 }
 
@@ -444,42 +431,53 @@ pub fn argmax(v: &[f32]) -> usize {
     best
 }
 
-/// Pooling over a chunk's conv maps `y_m3` (N, m, conv, conv) into `y2` (m, F).
+/// Pooling over a chunk's conv maps `y_m3` (m, N, WQ) (wide layout) into `y2` (m, F).
+/// For max pooling, `amax` gets the index into `y_m3` of each chosen value (first on ties).
 fn pool_forward(cfg: &NetConfig, m: usize, y_m3: &[f32], y2: &mut [f32], amax: &mut [u32]) {
-    let (conv, ps, pooled, nk) = (cfg.conv(), cfg.pool, cfg.pooled(), cfg.n_kernels);
-    let (pp, f) = (conv * conv, cfg.flat());
+    let (img, ps, pooled, nk) = (cfg.img, cfg.pool, cfg.pooled(), cfg.n_kernels);
+    let (wq, f, pp) = (wide(cfg).wq(), cfg.flat(), pooled * pooled);
     let inv = 1.0 / (ps * ps) as f32;
-    for n in 0..nk {
-        for e in 0..m {
-            let map = (n * m + e) * pp;
-            let out = &mut y2[e * f + n * pooled * pooled..e * f + (n + 1) * pooled * pooled];
-            match cfg.pooling {
-                Pooling::Mean => {
-                    out.fill(0.0);
-                    for r in 0..conv {
-                        let row = &y_m3[map + r * conv..map + (r + 1) * conv];
-                        let o = &mut out[(r / ps) * pooled..(r / ps + 1) * pooled];
-                        for (o, win) in o.iter_mut().zip(row.chunks_exact(ps)) {
-                            *o += win.iter().sum::<f32>();
+    for e in 0..m {
+        for n in 0..nk {
+            let map = (e * nk + n) * wq;
+            let out = &mut y2[e * f + n * pp..e * f + (n + 1) * pp];
+            match (cfg.pooling, ps) {
+                (Pooling::Mean, 2) => {
+                    for (r, o) in out.chunks_exact_mut(pooled).enumerate() {
+                        let r0 = &y_m3[map + 2 * r * img..][..2 * pooled];
+                        let r1 = &y_m3[map + (2 * r + 1) * img..][..2 * pooled];
+                        for ((o, a), b) in o.iter_mut().zip(r0.chunks_exact(2)).zip(r1.chunks_exact(2)) {
+                            *o = (a[0] + a[1] + b[0] + b[1]) * inv;
                         }
                     }
-                    out.iter_mut().for_each(|v| *v *= inv);
                 }
-                Pooling::Max => {
+                (Pooling::Mean, _) => {
+                    for r in 0..pooled {
+                        for c in 0..pooled {
+                            let mut s = 0.0;
+                            for a in 0..ps {
+                                for b in 0..ps {
+                                    s += y_m3[map + (ps * r + a) * img + ps * c + b];
+                                }
+                            }
+                            out[r * pooled + c] = s * inv;
+                        }
+                    }
+                }
+                (Pooling::Max, _) => {
                     for r in 0..pooled {
                         for c in 0..pooled {
                             let mut best = (f32::NEG_INFINITY, 0usize);
                             for a in 0..ps {
                                 for b in 0..ps {
-                                    let idx = map + (ps * r + a) * conv + ps * c + b;
+                                    let idx = map + (ps * r + a) * img + ps * c + b;
                                     if y_m3[idx] > best.0 {
                                         best = (y_m3[idx], idx);
                                     }
                                 }
                             }
-                            let o = (n * pooled + r) * pooled + c;
                             out[r * pooled + c] = best.0;
-                            amax[e * f + o] = best.1 as u32;
+                            amax[e * f + n * pp + r * pooled + c] = best.1 as u32;
                         }
                     }
                 }
@@ -489,23 +487,31 @@ fn pool_forward(cfg: &NetConfig, m: usize, y_m3: &[f32], y2: &mut [f32], amax: &
 }
 
 /// Re-pooling (backward of [`pool_forward`]) times the conv activation's derivative:
-/// `dz[n][e][r][c] = dy2[e][n][r/p][c/p] / p² · act'(y_m3)` (mean), or routed to the arg-max (max).
+/// `dz[e][n][r][c] = dy2[e][n][r/p][c/p] / p² · act'(y_m3)` (mean), or routed to the arg-max (max).
+/// Only valid positions are written; the junk positions of `dz` stay 0.
 fn pool_backward(cfg: &NetConfig, m: usize, dy2: &[f32], amax: &[u32], y_m3: &[f32], dz: &mut [f32]) {
-    let (conv, ps, pooled, nk) = (cfg.conv(), cfg.pool, cfg.pooled(), cfg.n_kernels);
-    let (pp, f) = (conv * conv, cfg.flat());
-    let dz = &mut dz[..nk * m * pp];
+    let (img, ps, pooled, nk, conv) = (cfg.img, cfg.pool, cfg.pooled(), cfg.n_kernels, cfg.conv());
+    let (wq, f, pp) = (wide(cfg).wq(), cfg.flat(), pooled * pooled);
+    let dz = &mut dz[..m * nk * wq];
     match cfg.pooling {
         Pooling::Mean => {
             let inv = 1.0 / (ps * ps) as f32;
-            for n in 0..nk {
-                for e in 0..m {
-                    let map = (n * m + e) * pp;
-                    let g = &dy2[e * f + n * pooled * pooled..];
+            for e in 0..m {
+                for n in 0..nk {
+                    let map = (e * nk + n) * wq;
+                    let g = &dy2[e * f + n * pp..e * f + (n + 1) * pp];
                     for r in 0..conv {
                         let gr = &g[(r / ps) * pooled..(r / ps + 1) * pooled];
-                        let drow = &mut dz[map + r * conv..map + (r + 1) * conv];
-                        for (win, &gv) in drow.chunks_exact_mut(ps).zip(gr) {
-                            win.fill(gv * inv);
+                        let drow = &mut dz[map + r * img..map + r * img + conv];
+                        if ps == 2 {
+                            for (d, &gv) in drow.chunks_exact_mut(2).zip(gr) {
+                                d[0] = gv * inv;
+                                d[1] = gv * inv;
+                            }
+                        } else {
+                            for (c, d) in drow.iter_mut().enumerate() {
+                                *d = gr[c / ps] * inv;
+                            }
                         }
                     }
                 }

@@ -192,89 +192,131 @@ pub fn gemm_nt_on(be: Backend, m: usize, n: usize, k: usize, a: &[f32], lda: usi
     }
 }
 
-/// im2col, transposed, for `m` images of `img×img` f32 pixels (`x`: (m, img²)) and a `ks×ks`
-/// valid correlation with `conv = img − ks + 1`: writes
-/// `cols[(i·ks + j)·ldc + e·conv² + r·conv + c] = x[e][(r+i)·img + c + j]`, i.e. `cols` is
-/// (ks², ldc) with the `m·conv²` output positions along each row.
-///
-/// # Panics
-/// If `x` or `cols` is too short, or `ldc < m·conv²`.
-pub fn im2col_t(x: &[f32], m: usize, img: usize, ks: usize, cols: &mut [f32], ldc: usize) {
-    assert!(ks >= 1 && ks <= img, "im2col: kernel {ks} for image {img}");
-    let conv = img + 1 - ks;
-    let pp = conv * conv;
-    assert!(x.len() >= m * img * img, "im2col: x has {} values, needs {}", x.len(), m * img * img);
-    assert!(ldc >= m * pp, "im2col: ldc {ldc} < {}", m * pp);
-    assert!(cols.len() >= (ks * ks - 1) * ldc + m * pp, "im2col: cols too short");
-    #[cfg(target_arch = "x86_64")]
-    if backend() == Backend::Avx512 {
-        // SAFETY: `backend()` is Avx512 only when AVX-512F was detected. The assertions above
-        // bound every read (x[e·img² + (r+i)·img + j + c], c < conv, is < m·img²) and every
-        // write (cols[(i·ks+j)·ldc + e·pp + r·conv + c] < (ks²−1)·ldc + m·pp ≤ cols.len()).
-        unsafe { avx512::im2col_t(x.as_ptr(), m, img, ks, cols.as_mut_ptr(), ldc) };
-        return;
-    }
-    im2col_t_naive(x, m, img, ks, cols, ldc);
+/// The conv layer's "wide" layout. Output position `(r, c)` of a map is stored at
+/// `q = r·img + c` (the input's own row stride), so tap `(i, j)` of every output reads the input
+/// at `q + i·img + j`: one contiguous run per tap, with no im2col copy. The `img − conv` columns
+/// at the end of each row are junk, computed and ignored.
+/// Most taps the SIMD conv kernels take (16×16); larger kernels use the plain loops.
+const MAX_TAPS: usize = 256;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Wide {
+    /// Image side.
+    pub img: usize,
+    /// Kernel side.
+    pub ks: usize,
 }
 
-/// The plain-loop [`im2col_t`], also the fallback without AVX-512.
-pub fn im2col_t_naive(x: &[f32], m: usize, img: usize, ks: usize, cols: &mut [f32], ldc: usize) {
-    let conv = img + 1 - ks;
-    let pp = conv * conv;
-    for i in 0..ks {
-        for j in 0..ks {
-            let row = &mut cols[(i * ks + j) * ldc..];
-            for e in 0..m {
-                for r in 0..conv {
-                    for c in 0..conv {
-                        row[e * pp + r * conv + c] = x[e * img * img + (r + i) * img + c + j];
-                    }
-                }
+impl Wide {
+    /// Side of the valid output map.
+    pub fn conv(&self) -> usize {
+        self.img + 1 - self.ks
+    }
+    /// Wide positions per map, `conv·img` rounded up to a multiple of 16.
+    pub fn wq(&self) -> usize {
+        (self.conv() * self.img).next_multiple_of(16)
+    }
+    /// Offset of tap `p = i·ks + j`: `i·img + j`.
+    pub fn off(&self, p: usize) -> usize {
+        (p / self.ks) * self.img + p % self.ks
+    }
+    /// Floats per image slot of the input: room for `img²` pixels and for every read
+    /// `q + off(p)`, `q < wq`; the slot's tail must be zeros (or any finite values).
+    pub fn slot(&self) -> usize {
+        (self.wq() + self.off(self.ks * self.ks - 1)).max(self.img * self.img).next_multiple_of(16)
+    }
+    /// Every tap's offset, on the stack (the SIMD path takes kernels of up to 16×16).
+    fn offsets(&self) -> [usize; MAX_TAPS] {
+        let mut o = [0; MAX_TAPS];
+        for (p, v) in o.iter_mut().enumerate().take(self.ks * self.ks) {
+            *v = self.off(p);
+        }
+        o
+    }
+    fn check(&self) {
+        assert!(self.ks >= 1 && self.ks <= self.img, "conv: kernel {} for image {}", self.ks, self.img);
+    }
+}
+
+/// Forward convolution (cross-correlation) of `m` images in the wide layout:
+/// `out[e][n][q] = Σ_p k[n][p] · x[e·slot + q + off(p)]` for `q < wq`, `k` (n_k, ks²).
+/// `x` holds `m` slots of [`Wide::slot`] floats; `out` is (m, n_k, wq).
+///
+/// # Panics
+/// If a slice is too short.
+pub fn conv_wide(w: Wide, k: &[f32], n_k: usize, x: &[f32], m: usize, out: &mut [f32]) {
+    w.check();
+    let (kk, wq, xs) = (w.ks * w.ks, w.wq(), w.slot());
+    assert!(k.len() >= n_k * kk, "conv: k too short");
+    assert!(x.len() >= m * xs, "conv: x has {} floats, needs {}", x.len(), m * xs);
+    assert!(out.len() >= m * n_k * wq, "conv: out too short");
+    #[cfg(target_arch = "x86_64")]
+    if backend() == Backend::Avx512 && kk <= MAX_TAPS {
+        let offs = w.offsets();
+        let offs = &offs[..kk];
+        for e in 0..m {
+            // SAFETY: AVX-512F was detected. Reads: k[n·kk + p] (n < n_k, p < kk), and
+            // x[e·xs + q + off(p)] for q < wq, which is < e·xs + xs by the definition of `slot`
+            // and within x by the assertion. Writes: out[(e·n_k + n)·wq + q], q < wq, within out.
+            unsafe {
+                avx512::conv_fwd(n_k, kk, k.as_ptr(), x.as_ptr().add(e * xs), offs, wq, out.as_mut_ptr().add(e * n_k * wq))
+            };
+        }
+        return;
+    }
+    conv_wide_naive(w, k, n_k, x, m, out);
+}
+
+/// The plain-loop [`conv_wide`], also the fallback.
+pub fn conv_wide_naive(w: Wide, k: &[f32], n_k: usize, x: &[f32], m: usize, out: &mut [f32]) {
+    let (kk, wq, xs) = (w.ks * w.ks, w.wq(), w.slot());
+    for e in 0..m {
+        for n in 0..n_k {
+            for q in 0..wq {
+                let s: f32 = (0..kk).map(|p| k[n * kk + p] * x[e * xs + q + w.off(p)]).sum();
+                out[(e * n_k + n) * wq + q] = s;
             }
         }
     }
 }
 
-/// im2col, position-major, for the kernel gradient: for `m` images (`x`: (m, img²)) writes
-/// `cols[(e·conv² + r·conv + c)·ldc + i·ks + j] = x[e][(r+i)·img + c + j]`, i.e. `cols` is
-/// (m·conv², ldc) with the `ks²` taps along each row. Columns `ks²..ldc` are left as they are
-/// (keep them 0 so a product over the padded width adds nothing).
+/// Kernel gradient in the wide layout, summed over `m` images:
+/// `dk[n][p] = Σ_e Σ_q dz[e][n][q] · x[e·slot + q + off(p)]`, `dz` (m, n_k, wq) with zeros at the
+/// junk positions, `dk` (n_k, ks²) overwritten.
 ///
 /// # Panics
-/// If `x` or `cols` is too short, or `ldc < ks²`.
-pub fn im2col_n(x: &[f32], m: usize, img: usize, ks: usize, cols: &mut [f32], ldc: usize) {
-    assert!(ks >= 1 && ks <= img, "im2col: kernel {ks} for image {img}");
-    let conv = img + 1 - ks;
-    let rows = m * conv * conv;
-    assert!(x.len() >= m * img * img, "im2col: x has {} values, needs {}", x.len(), m * img * img);
-    assert!(ldc >= ks * ks, "im2col: ldc {ldc} < {}", ks * ks);
-    assert!(rows == 0 || cols.len() >= (rows - 1) * ldc + ks * ks, "im2col: cols too short");
+/// If a slice is too short.
+pub fn conv_wide_dk(w: Wide, dz: &[f32], n_k: usize, x: &[f32], m: usize, dk: &mut [f32]) {
+    w.check();
+    let (kk, wq, xs) = (w.ks * w.ks, w.wq(), w.slot());
+    assert!(dz.len() >= m * n_k * wq, "conv dk: dz too short");
+    assert!(x.len() >= m * xs, "conv dk: x too short");
+    assert!(dk.len() >= n_k * kk, "conv dk: dk too short");
     #[cfg(target_arch = "x86_64")]
-    if backend() == Backend::Avx512 && ks <= 16 && x.len() >= m * img * img + 16 && cols.len() >= rows * ldc + 16 {
-        // SAFETY: AVX-512F was detected (`backend`). Each copy reads 16 floats from
-        // x[e·img² + (r+i)·img + c] (≤ m·img² − 1, so ≤ x.len() − 16 + 15 with the 16 floats of
-        // slack checked above) and writes 16 floats at cols[q·ldc + i·ks] (≤ (rows−1)·ldc + ks² − ks
-        // + 15 < rows·ldc + 16 ≤ cols.len()). The 16 − ks extra floats written land on the next
-        // tap(s) of the same row, which later copies overwrite, or in the row's padding / slack.
-        unsafe { avx512::im2col_n(x.as_ptr(), m, img, ks, cols.as_mut_ptr(), ldc) };
+    if backend() == Backend::Avx512 && kk <= MAX_TAPS {
+        let offs = w.offsets();
+        let offs = &offs[..kk];
+        // SAFETY: AVX-512F was detected. Reads dz[(e·n_k + n)·wq + q] and x[e·xs + q + off(p)]
+        // for e < m, n < n_k, q < wq, p < kk, all within the slices (assertions above and the
+        // definition of `slot`); writes dk[n·kk + p], within dk.
+        unsafe { avx512::conv_dk(n_k, kk, dz.as_ptr(), x.as_ptr(), xs, m, offs, wq, dk.as_mut_ptr()) };
         return;
     }
-    im2col_n_naive(x, m, img, ks, cols, ldc);
+    conv_wide_dk_naive(w, dz, n_k, x, m, dk);
 }
 
-/// The plain-loop [`im2col_n`], also the fallback.
-pub fn im2col_n_naive(x: &[f32], m: usize, img: usize, ks: usize, cols: &mut [f32], ldc: usize) {
-    let conv = img + 1 - ks;
-    for e in 0..m {
-        for r in 0..conv {
-            for c in 0..conv {
-                let q = (e * conv + r) * conv + c;
-                for i in 0..ks {
-                    for j in 0..ks {
-                        cols[q * ldc + i * ks + j] = x[e * img * img + (r + i) * img + c + j];
-                    }
+/// The plain-loop [`conv_wide_dk`], also the fallback.
+pub fn conv_wide_dk_naive(w: Wide, dz: &[f32], n_k: usize, x: &[f32], m: usize, dk: &mut [f32]) {
+    let (kk, wq, xs) = (w.ks * w.ks, w.wq(), w.slot());
+    for n in 0..n_k {
+        for p in 0..kk {
+            let mut s = 0.0f32;
+            for e in 0..m {
+                for q in 0..wq {
+                    s += dz[(e * n_k + n) * wq + q] * x[e * xs + q + w.off(p)];
                 }
             }
+            dk[n * kk + p] = s;
         }
     }
 }
@@ -424,61 +466,149 @@ mod avx512 {
         }
     }
 
-    /// See `super::im2col_t`: each output row segment of `conv` floats is copied with 16-lane
-    /// (the last one masked) loads and stores.
+    /// One `MR × NV·16` tile of the wide conv: rows n of `k` (broadcast), positions q..q+16·NV
+    /// of `x` shifted by each tap's offset.
     ///
     /// # Safety
-    /// AVX-512F present; bounds as checked in `super::im2col_t`.
+    /// AVX-512F present; k rows i < MR hold kk floats at k + i·kk; x + off[p] + 16·NV floats are
+    /// readable for every p; out rows i at out + i·wq hold 16·NV writable floats.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn im2col_t(x: *const f32, m: usize, img: usize, ks: usize, cols: *mut f32, ldc: usize) {
-        let conv = img + 1 - ks;
-        let pp = conv * conv;
-        let nv = conv.div_ceil(16);
-        let last = mask(conv - 16 * (nv - 1));
-        for i in 0..ks {
-            for j in 0..ks {
-                for e in 0..m {
-                    for r in 0..conv {
-                        // SAFETY: source row x[e][(r+i)·img + j ..+conv] and destination
-                        // cols[(i·ks+j)·ldc + e·pp + r·conv ..+conv] are in bounds (see caller);
-                        // the last vector is masked to the row's end.
-                        unsafe {
-                            let src = x.add(e * img * img + (r + i) * img + j);
-                            let dst = cols.add((i * ks + j) * ldc + e * pp + r * conv);
-                            for v in 0..nv {
-                                let mk = if v + 1 == nv { last } else { 0xffff };
-                                _mm512_mask_storeu_ps(dst.add(16 * v), mk, _mm512_maskz_loadu_ps(mk, src.add(16 * v)));
-                            }
-                        }
+    unsafe fn conv_tile<const MR: usize, const NV: usize>(kk: usize, k: *const f32, x: *const f32, offs: &[usize], out: *mut f32, wq: usize) {
+        let mut t = [[_mm512_setzero_ps(); NV]; MR];
+        for (p, &off) in offs.iter().enumerate().take(kk) {
+            // SAFETY: per the contract.
+            unsafe {
+                let src = x.add(off);
+                let mut bv = [_mm512_setzero_ps(); NV];
+                for v in 0..NV {
+                    bv[v] = _mm512_loadu_ps(src.add(16 * v));
+                }
+                for i in 0..MR {
+                    let av = _mm512_set1_ps(*k.add(i * kk + p));
+                    for v in 0..NV {
+                        t[i][v] = _mm512_fmadd_ps(av, bv[v], t[i][v]);
                     }
                 }
             }
         }
+        for i in 0..MR {
+            for v in 0..NV {
+                // SAFETY: per the contract.
+                unsafe { _mm512_storeu_ps(out.add(i * wq + 16 * v), t[i][v]) };
+            }
+        }
     }
 
-    /// See `super::im2col_n`: each tap row of `ks ≤ 16` floats is one full 16-float load and
-    /// store (unmasked: masked stores cannot forward and were measured 3× slower here); taps are
-    /// written in increasing order so each store's spill is overwritten by the next one.
+    /// # Safety
+    /// AVX-512F present; `k` (n_k, kk), `x` readable at every q + off[p] (q < wq), `out` (n_k, wq)
+    /// writable; wq a multiple of 16.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn conv_fwd(n_k: usize, kk: usize, k: *const f32, x: *const f32, offs: &[usize], wq: usize, out: *mut f32) {
+        let nvt = wq / 16;
+        let mut v0 = 0;
+        while v0 < nvt {
+            let nv = (nvt - v0).min(5);
+            let mut i = 0;
+            while i < n_k {
+                // 5×5 = 25 accumulators of 32 registers: five rows fit 20 kernels exactly, and
+                // five vectors 560 wide positions (35 vectors) exactly.
+                let mr = (n_k - i).min(5);
+                // SAFETY: rows i..i+mr < n_k, positions 16·v0 .. 16·(v0+nv) ≤ wq.
+                unsafe {
+                    let (kp, xp, op) = (k.add(i * kk), x.add(16 * v0), out.add(i * wq + 16 * v0));
+                    macro_rules! go {
+                        ($($mr:literal),*) => {
+                            match (mr, nv) {
+                                $(
+                                    ($mr, 1) => conv_tile::<$mr, 1>(kk, kp, xp, offs, op, wq),
+                                    ($mr, 2) => conv_tile::<$mr, 2>(kk, kp, xp, offs, op, wq),
+                                    ($mr, 3) => conv_tile::<$mr, 3>(kk, kp, xp, offs, op, wq),
+                                    ($mr, 4) => conv_tile::<$mr, 4>(kk, kp, xp, offs, op, wq),
+                                    ($mr, 5) => conv_tile::<$mr, 5>(kk, kp, xp, offs, op, wq),
+                                )*
+                                _ => unreachable!("tile {mr}×{nv}"),
+                            }
+                        };
+                    }
+                    go!(1, 2, 3, 4, 5);
+                }
+                i += mr;
+            }
+            v0 += nv;
+        }
+    }
+
+    /// One `MR × NR` tile of the kernel gradient: MR maps of dz against NR shifted copies of x,
+    /// summed over all m images and wq positions, reduced across lanes once at the end.
     ///
     /// # Safety
-    /// AVX-512F present, `ks ≤ 16`, and 16 floats of slack after x and cols (see caller).
+    /// AVX-512F present; dz rows (e·n_k + i)·wq .. +wq and x at e·xs + off[p] .. +wq readable for
+    /// e < m, i < MR, p in the tile; dk + i·kk + p writable.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn im2col_n(x: *const f32, m: usize, img: usize, ks: usize, cols: *mut f32, ldc: usize) {
-        let conv = img + 1 - ks;
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn dk_tile<const MR: usize, const NR: usize>(n_k: usize, kk: usize, dz: *const f32, x: *const f32, xs: usize, m: usize, offs: &[usize], wq: usize, dk: *mut f32) {
+        let mut t = [[_mm512_setzero_ps(); NR]; MR];
         for e in 0..m {
-            for r in 0..conv {
-                for c in 0..conv {
-                    let q = (e * conv + r) * conv + c;
-                    for i in 0..ks {
-                        // SAFETY: reads 16 floats at x[e][(r+i)·img + c] and writes 16 at
-                        // cols[q·ldc + i·ks], in bounds thanks to the slack (see caller).
-                        unsafe {
-                            let v = _mm512_loadu_ps(x.add(e * img * img + (r + i) * img + c));
-                            _mm512_storeu_ps(cols.add(q * ldc + i * ks), v);
+            let mut q = 0;
+            while q < wq {
+                // SAFETY: per the contract.
+                unsafe {
+                    let mut xv = [_mm512_setzero_ps(); NR];
+                    for j in 0..NR {
+                        xv[j] = _mm512_loadu_ps(x.add(e * xs + offs[j] + q));
+                    }
+                    for i in 0..MR {
+                        let dv = _mm512_loadu_ps(dz.add((e * n_k + i) * wq + q));
+                        for j in 0..NR {
+                            t[i][j] = _mm512_fmadd_ps(dv, xv[j], t[i][j]);
                         }
                     }
                 }
+                q += 16;
             }
+        }
+        for i in 0..MR {
+            for j in 0..NR {
+                // SAFETY: per the contract.
+                unsafe { *dk.add(i * kk + j) = _mm512_reduce_add_ps(t[i][j]) };
+            }
+        }
+    }
+
+    /// # Safety
+    /// As `dk_tile`, for all n < n_k and p < kk; wq a multiple of 16.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn conv_dk(n_k: usize, kk: usize, dz: *const f32, x: *const f32, xs: usize, m: usize, offs: &[usize], wq: usize, dk: *mut f32) {
+        // Map tile outer: its rows of dz stay in L1 while every tap tile reads them.
+        let mut i = 0;
+        while i < n_k {
+            let mr = (n_k - i).min(5);
+            let mut p = 0;
+            while p < kk {
+                let nr = (kk - p).min(4);
+                // SAFETY: maps i..i+mr < n_k and taps p..p+nr ≤ kk are in bounds.
+                unsafe {
+                    let (dzp, dkp, o) = (dz.add(i * wq), dk.add(i * kk + p), &offs[p..p + nr]);
+                    macro_rules! go {
+                        ($($mr:literal),*) => {
+                            match (mr, nr) {
+                                $(
+                                    ($mr, 1) => dk_tile::<$mr, 1>(n_k, kk, dzp, x, xs, m, o, wq, dkp),
+                                    ($mr, 2) => dk_tile::<$mr, 2>(n_k, kk, dzp, x, xs, m, o, wq, dkp),
+                                    ($mr, 3) => dk_tile::<$mr, 3>(n_k, kk, dzp, x, xs, m, o, wq, dkp),
+                                    ($mr, 4) => dk_tile::<$mr, 4>(n_k, kk, dzp, x, xs, m, o, wq, dkp),
+                                    ($mr, 5) => dk_tile::<$mr, 5>(n_k, kk, dzp, x, xs, m, o, wq, dkp),
+                                )*
+                                _ => unreachable!("tile {mr}×{nr}"),
+                            }
+                        };
+                    }
+                    go!(1, 2, 3, 4, 5);
+                }
+                p += nr;
+            }
+            i += mr;
         }
     }
 
@@ -647,21 +777,37 @@ mod tests {
     }
 
     #[test]
-    fn im2col_matches_naive() {
-        for (m, img, ks) in [(3, 28, 9), (2, 28, 5), (1, 40, 3), (2, 7, 7)] {
-            let x = rand_vec(m * img * img, 11);
-            let conv = img + 1 - ks;
-            let ldc = m * conv * conv + 3;
-            let mut a = vec![0.0; ks * ks * ldc];
+    fn wide_conv_and_kernel_gradient_match_naive() {
+        for (m, img, ks, n_k) in [(3, 28, 9, 20), (2, 28, 5, 7), (1, 12, 3, 1), (2, 7, 7, 6)] {
+            let w = Wide { img, ks };
+            let mut x = rand_vec(m * w.slot(), 11);
+            // A real slot has zeros after its img² pixels.
+            for e in 0..m {
+                x[e * w.slot() + img * img..(e + 1) * w.slot()].fill(0.0);
+            }
+            let k = rand_vec(n_k * ks * ks, 12);
+            let mut a = vec![0.0; m * n_k * w.wq()];
             let mut b = a.clone();
-            im2col_t(&x, m, img, ks, &mut a, ldc);
-            im2col_t_naive(&x, m, img, ks, &mut b, ldc);
-            assert_eq!(a, b);
-            let mut a = vec![0.0; m * conv * conv * 96];
-            let mut b = a.clone();
-            im2col_n(&x, m, img, ks, &mut a, 96);
-            im2col_n_naive(&x, m, img, ks, &mut b, 96);
-            assert_eq!(a, b);
+            conv_wide(w, &k, n_k, &x, m, &mut a);
+            conv_wide_naive(w, &k, n_k, &x, m, &mut b);
+            close(&a, &b, "conv_wide");
+            // The valid outputs are the cross-correlation.
+            let conv = w.conv();
+            let (r, c, n) = (conv - 1, conv / 2, n_k - 1);
+            let want: f32 = (0..ks * ks).map(|p| k[n * ks * ks + p] * x[(r + p / ks) * img + c + p % ks]).sum();
+            assert!((b[n * w.wq() + r * img + c] - want).abs() < 1e-4);
+
+            let mut dz = rand_vec(m * n_k * w.wq(), 13);
+            for (q, v) in dz.iter_mut().enumerate() {
+                if (q % w.wq()) % img >= conv || q % w.wq() >= conv * img {
+                    *v = 0.0; // junk positions carry no gradient
+                }
+            }
+            let mut da = vec![0.0; n_k * ks * ks];
+            let mut db = da.clone();
+            conv_wide_dk(w, &dz, n_k, &x, m, &mut da);
+            conv_wide_dk_naive(w, &dz, n_k, &x, m, &mut db);
+            close(&da, &db, "conv_wide_dk");
         }
     }
 
