@@ -17,29 +17,52 @@ fn time(name: &str, flops: f64, mut f: impl FnMut()) {
             t.elapsed().as_secs_f64() / reps as f64
         })
         .fold(f64::INFINITY, f64::min);
-    println!("{name:<40} {:>8.2} µs {:>8.1} GFLOP/s", s * 1e6, flops / s / 1e9);
+    println!(
+        "{name:<40} {:>8.2} µs {:>8.1} GFLOP/s",
+        s * 1e6,
+        flops / s / 1e9
+    );
 }
 
 fn main() {
-    let m: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(4);
+    let m: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(4);
     let w = Wide { img: 28, ks: 9 };
     let x = vec![0.5f32; m * w.slot()];
     let k = vec![0.1f32; 20 * 81];
     let mut z = vec![0.0f32; m * 20 * w.wq()];
     let useful = 2.0 * 20.0 * 400.0 * 81.0 * m as f64;
-    time("conv_wide fwd, m images (useful GFLOP/s)", useful, || conv_wide(w, &k, 20, &x, m, &mut z));
+    time("conv_wide fwd, m images (useful GFLOP/s)", useful, || {
+        conv_wide(w, &k, 20, &x, m, &mut z)
+    });
     let mut dk = vec![0.0f32; 20 * 81];
-    time("conv_wide dk, m images (useful GFLOP/s)", useful, || conv_wide_dk(w, &z, 20, &x, m, &mut dk));
+    time("conv_wide dk, m images (useful GFLOP/s)", useful, || {
+        conv_wide_dk(w, &z, 20, &x, m, &mut dk)
+    });
     let b = 100;
     let y2 = vec![0.01f32; b * 2000];
     let w1t = vec![0.01f32; 2000 * 100];
     let w1 = vec![0.01f32; 2000 * 100];
     let mut y1 = vec![0.0f32; b * 100];
-    time("fc1 fwd nn 100x100x2000", 2.0 * 100.0 * 100.0 * 2000.0, || gemm_nn(b, 100, 2000, &y2, 2000, 1, &w1t, 100, &mut y1, 100, false));
-    time("fc1 fwd nt 100x100x2000", 2.0 * 100.0 * 100.0 * 2000.0, || gemm_nt(b, 100, 2000, &y2, 2000, &w1, 2000, &mut y1, 100, false));
+    time(
+        "fc1 fwd nn 100x100x2000",
+        2.0 * 100.0 * 100.0 * 2000.0,
+        || gemm_nn(b, 100, 2000, &y2, 2000, 1, &w1t, 100, &mut y1, 100, false),
+    );
+    time(
+        "fc1 fwd nt 100x100x2000",
+        2.0 * 100.0 * 100.0 * 2000.0,
+        || gemm_nt(b, 100, 2000, &y2, 2000, &w1, 2000, &mut y1, 100, false),
+    );
     let dv1 = vec![0.01f32; b * 100];
     let mut dw1 = vec![0.0f32; 100 * 2000];
-    time("dw1 nn 100x2000x100", 2.0 * 100.0 * 100.0 * 2000.0, || gemm_nn(100, 2000, b, &dv1, 1, 100, &y2, 2000, &mut dw1, 2000, false));
+    time("dw1 nn 100x2000x100", 2.0 * 100.0 * 100.0 * 2000.0, || {
+        gemm_nn(100, 2000, b, &dv1, 1, 100, &y2, 2000, &mut dw1, 2000, false)
+    });
     let mut dy2 = vec![0.0f32; b * 2000];
-    time("dy2 nn 100x2000x100", 2.0 * 100.0 * 100.0 * 2000.0, || gemm_nn(b, 2000, 100, &dv1, 100, 1, &w1, 2000, &mut dy2, 2000, false));
+    time("dy2 nn 100x2000x100", 2.0 * 100.0 * 100.0 * 2000.0, || {
+        gemm_nn(b, 2000, 100, &dv1, 100, 1, &w1, 2000, &mut dy2, 2000, false)
+    });
 }

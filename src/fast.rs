@@ -29,7 +29,10 @@
 //! same for any number of threads on a given machine.
 
 use crate::config::{Activation, NetConfig, Pooling};
-use crate::kernels::{Wide, conv_wide, conv_wide_dk, gemm_nn, gemm_nt};
+use crate::kernels::{
+    Wide, conv_wide, conv_wide_dk, gemm_nn, gemm_nt, mean_pool2, mean_repool2_relu, pixels_to_f32,
+    relu_in_place,
+};
 use crate::params::{Grads, Params};
 use rayon::prelude::*;
 
@@ -61,7 +64,10 @@ impl ChunkBuf {
 }
 
 fn wide(cfg: &NetConfig) -> Wide {
-    Wide { img: cfg.img, ks: cfg.ksize }
+    Wide {
+        img: cfg.img,
+        ks: cfg.ksize,
+    }
 }
 
 /// Reusable buffers for batched passes of up to `max_batch` images; nothing is allocated per batch.
@@ -106,7 +112,14 @@ impl Workspace {
             chunks: (0..b.div_ceil(CHUNK)).map(|_| ChunkBuf::new(cfg)).collect(),
             xf: vec![0.0; b * wide(cfg).slot()],
             z: vec![0.0; b * maps],
-            argmax: vec![0; if cfg.pooling == Pooling::Max { b * f } else { 0 }],
+            argmax: vec![
+                0;
+                if cfg.pooling == Pooling::Max {
+                    b * f
+                } else {
+                    0
+                }
+            ],
             y2: vec![0.0; b * f],
             w1t: vec![0.0; f * h],
             y1: vec![0.0; b * h],
@@ -157,8 +170,20 @@ pub fn forward_backward(
     }
     forward(cfg, p, images, Some(labels), idx, ws, true);
     let (f, h, c) = (cfg.flat(), cfg.hidden, cfg.classes);
-    let (y2, y1, dv, dv1) = (&ws.y2[..b * f], &ws.y1[..b * h], &ws.dv[..b * c], &ws.dv1[..b * h]);
-    let Grads { k: gk, bk: gbk, w_m1: gw1, b_m1: gb1, w: gw, b: gb } = grads;
+    let (y2, y1, dv, dv1) = (
+        &ws.y2[..b * f],
+        &ws.y1[..b * h],
+        &ws.dv[..b * c],
+        &ws.dv1[..b * h],
+    );
+    let Grads {
+        k: gk,
+        bk: gbk,
+        w_m1: gw1,
+        b_m1: gb1,
+        w: gw,
+        b: gb,
+    } = grads;
 
     // 3. dense weight gradients and ∂L/∂y⁽⁻²⁾, all row-split, in parallel.
     let dy2 = &mut ws.dy2[..b * f];
@@ -166,16 +191,30 @@ pub fn forward_backward(
         || {
             // dw_m1 (H, F) = dv1ᵀ · y2: 24 rows (a multiple of the kernel's 6-row tile) per task.
             gw1.par_chunks_mut(24 * f).enumerate().for_each(|(t, out)| {
-                gemm_nn(out.len() / f, f, b, &dv1[t * 24..], 1, h, y2, f, out, f, false);
+                gemm_nn(
+                    out.len() / f,
+                    f,
+                    b,
+                    &dv1[t * 24..],
+                    1,
+                    h,
+                    y2,
+                    f,
+                    out,
+                    f,
+                    false,
+                );
             });
         },
         || {
             rayon::join(
                 || {
                     // dy2 (B, F) = dv1 · w_m1
-                    dy2.par_chunks_mut(ROWS * f).zip(dv1.par_chunks(ROWS * h)).for_each(|(out, d)| {
-                        gemm_nn(d.len() / h, f, h, d, h, 1, &p.w_m1, f, out, f, false);
-                    });
+                    dy2.par_chunks_mut(ROWS * f)
+                        .zip(dv1.par_chunks(ROWS * h))
+                        .for_each(|(out, d)| {
+                            gemm_nn(d.len() / h, f, h, d, h, 1, &p.w_m1, f, out, f, false);
+                        });
                 },
                 || {
                     // dw (C, H) = dvᵀ · y1; biases: column sums of dv and dv1.
@@ -192,12 +231,27 @@ pub fn forward_backward(
     let w = wide(cfg);
     let (maps, xs) = (cfg.n_kernels * w.wq(), w.slot());
     let (xf, z, argmax, dy2) = (&ws.xf, &ws.z, &ws.argmax, &ws.dy2);
-    ws.chunks[..nch].par_iter_mut().enumerate().for_each(|(ci, cb)| {
-        let e0 = ci * CHUNK;
-        let m = CHUNK.min(b - e0);
-        let am = if argmax.is_empty() { &argmax[..] } else { &argmax[e0 * f..(e0 + m) * f] };
-        backward_chunk(cfg, m, &xf[e0 * xs..(e0 + m) * xs], &z[e0 * maps..(e0 + m) * maps], am, &dy2[e0 * f..(e0 + m) * f], cb);
-    });
+    ws.chunks[..nch]
+        .par_iter_mut()
+        .enumerate()
+        .for_each(|(ci, cb)| {
+            let e0 = ci * CHUNK;
+            let m = CHUNK.min(b - e0);
+            let am = if argmax.is_empty() {
+                &argmax[..]
+            } else {
+                &argmax[e0 * f..(e0 + m) * f]
+            };
+            backward_chunk(
+                cfg,
+                m,
+                &xf[e0 * xs..(e0 + m) * xs],
+                &z[e0 * maps..(e0 + m) * maps],
+                am,
+                &dy2[e0 * f..(e0 + m) * f],
+                cb,
+            );
+        });
     // dk = Σ_chunks dk_chunk, in chunk order.
     let chunks = &ws.chunks[..nch];
     gk.copy_from_slice(&chunks[0].dk);
@@ -206,10 +260,12 @@ pub fn forward_backward(
         gk.iter_mut().zip(&cb.dk).for_each(|(a, x)| *a += x);
         gbk.iter_mut().zip(&cb.dbk).for_each(|(a, x)| *a += x);
     }
-    ws.scores[..b.div_ceil(ROWS)].iter().fold(BatchStats::default(), |s, &(l, k)| BatchStats {
-        loss_sum: s.loss_sum + l,
-        correct: s.correct + k,
-    })
+    ws.scores[..b.div_ceil(ROWS)]
+        .iter()
+        .fold(BatchStats::default(), |s, &(l, k)| BatchStats {
+            loss_sum: s.loss_sum + l,
+            correct: s.correct + k,
+        })
 }
 
 /// Forward only; probabilities are then in [`Workspace::probs`]. With `labels`, the stats count
@@ -227,14 +283,24 @@ pub fn forward_batch(
         return BatchStats::default();
     }
     forward(cfg, p, images, labels, idx, ws, false);
-    ws.scores[..b.div_ceil(ROWS)].iter().fold(BatchStats::default(), |s, &(l, k)| BatchStats {
-        loss_sum: s.loss_sum + l,
-        correct: s.correct + k,
-    })
+    ws.scores[..b.div_ceil(ROWS)]
+        .iter()
+        .fold(BatchStats::default(), |s, &(l, k)| BatchStats {
+            loss_sum: s.loss_sum + l,
+            correct: s.correct + k,
+        })
 }
 
 /// Steps 1–2: the forward pass, scores, and (when `train`) `dv` and `dv1`.
-fn forward(cfg: &NetConfig, p: &Params<f32>, images: &[u8], labels: Option<&[u8]>, idx: &[usize], ws: &mut Workspace, train: bool) {
+fn forward(
+    cfg: &NetConfig,
+    p: &Params<f32>,
+    images: &[u8],
+    labels: Option<&[u8]>,
+    idx: &[usize],
+    ws: &mut Workspace,
+    train: bool,
+) {
     let b = idx.len();
     assert!(b <= ws.max_batch, "batch {b} > workspace {}", ws.max_batch);
     assert_eq!(ws.cfg, *cfg, "workspace built for another configuration");
@@ -245,26 +311,52 @@ fn forward(cfg: &NetConfig, p: &Params<f32>, images: &[u8], labels: Option<&[u8]
     let nch = b.div_ceil(CHUNK);
 
     // The batch is formed here: u8 → [0, 1], one zero-padded slot per image.
-    ws.xf[..b * xs].par_chunks_mut(CHUNK * xs).zip(idx.par_chunks(CHUNK)).for_each(|(xf, ids)| {
-        for (dst, &id) in xf.chunks_exact_mut(xs).zip(ids) {
-            for (d, &s) in dst[..px].iter_mut().zip(&images[id * px..(id + 1) * px]) {
-                *d = f32::from(s) * (1.0 / 255.0);
+    ws.xf[..b * xs]
+        .par_chunks_mut(CHUNK * xs)
+        .zip(idx.par_chunks(CHUNK))
+        .for_each(|(xf, ids)| {
+            for (dst, &id) in xf.chunks_exact_mut(xs).zip(ids) {
+                pixels_to_f32(&images[id * px..(id + 1) * px], &mut dst[..px]);
             }
-        }
-    });
+        });
 
     // 1. conv, activation, pooling, per chunk.
     let xf = &ws.xf;
     let one = b == 1;
-    let conv_part = |(ci, (_cb, (z, (y2, am)))): (usize, (&mut ChunkBuf, (&mut [f32], (&mut [f32], &mut [u32]))))| {
+    type ConvPart<'a> = (
+        usize,
+        (
+            &'a mut ChunkBuf,
+            (&'a mut [f32], (&'a mut [f32], &'a mut [u32])),
+        ),
+    );
+    let conv_part = |(ci, (_cb, (z, (y2, am)))): ConvPart| {
         let m = CHUNK.min(b - ci * CHUNK);
-        conv_forward_chunk(cfg, p, m, &xf[ci * CHUNK * xs..(ci * CHUNK + m) * xs], z, y2, am);
+        conv_forward_chunk(
+            cfg,
+            p,
+            m,
+            &xf[ci * CHUNK * xs..(ci * CHUNK + m) * xs],
+            z,
+            y2,
+            am,
+        );
     };
     let am_len = if ws.argmax.is_empty() { 0 } else { b * f };
     let am_step = if ws.argmax.is_empty() { 1 } else { CHUNK * f };
     if one {
-        let am = if am_len == 0 { &mut ws.argmax[..0] } else { &mut ws.argmax[..f] };
-        conv_part((0, (&mut ws.chunks[0], (&mut ws.z[..maps], (&mut ws.y2[..f], am)))));
+        let am = if am_len == 0 {
+            &mut ws.argmax[..0]
+        } else {
+            &mut ws.argmax[..f]
+        };
+        conv_part((
+            0,
+            (
+                &mut ws.chunks[0],
+                (&mut ws.z[..maps], (&mut ws.y2[..f], am)),
+            ),
+        ));
     } else {
         let mut am_parts: Vec<&mut [u32]> = Vec::new();
         if am_len == 0 {
@@ -274,7 +366,13 @@ fn forward(cfg: &NetConfig, p: &Params<f32>, images: &[u8], labels: Option<&[u8]
         }
         ws.chunks[..nch]
             .par_iter_mut()
-            .zip(ws.z[..b * maps].par_chunks_mut(CHUNK * maps).zip(ws.y2[..b * f].par_chunks_mut(CHUNK * f).zip(am_parts.into_par_iter())))
+            .zip(
+                ws.z[..b * maps].par_chunks_mut(CHUNK * maps).zip(
+                    ws.y2[..b * f]
+                        .par_chunks_mut(CHUNK * f)
+                        .zip(am_parts.into_par_iter()),
+                ),
+            )
             .enumerate()
             .for_each(conv_part);
     }
@@ -343,7 +441,15 @@ fn transpose(a: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
 }
 
 /// Conv + activation + pooling for one chunk of `m` images (`xf`: their slots).
-fn conv_forward_chunk(cfg: &NetConfig, p: &Params<f32>, m: usize, xf: &[f32], z: &mut [f32], y2: &mut [f32], am: &mut [u32]) {
+fn conv_forward_chunk(
+    cfg: &NetConfig,
+    p: &Params<f32>,
+    m: usize,
+    xf: &[f32],
+    z: &mut [f32],
+    y2: &mut [f32],
+    am: &mut [u32],
+) {
     let w = wide(cfg);
     let (nk, wq) = (cfg.n_kernels, w.wq());
     // z: (m, N, WQ) = x ⋆ k, + bias, activation in place → y_m3
@@ -391,7 +497,17 @@ fn score_rows(c: usize, labels: &[u8], ids: &[usize], pr: &[f32]) -> (f64, usize
 
 /// `dv = (y − d)/B` (eq. 1, as a batch mean) and `dv1 = (dv · w) ⊙ φ'(y1)` for one chunk.
 #[allow(clippy::too_many_arguments)]
-fn output_backward(cfg: &NetConfig, p: &Params<f32>, labels: &[u8], ids: &[usize], pr: &[f32], y1: &[f32], dv: &mut [f32], dv1: &mut [f32], scale: f32) {
+fn output_backward(
+    cfg: &NetConfig,
+    p: &Params<f32>,
+    labels: &[u8],
+    ids: &[usize],
+    pr: &[f32],
+    y1: &[f32],
+    dv: &mut [f32],
+    dv1: &mut [f32],
+    scale: f32,
+) {
     let (m, h, c) = (ids.len(), cfg.hidden, cfg.classes);
     for (e, &id) in ids.iter().enumerate() {
         let l = usize::from(labels[id]);
@@ -406,7 +522,15 @@ fn output_backward(cfg: &NetConfig, p: &Params<f32>, labels: &[u8], ids: &[usize
 
 /// For one chunk of `m` images: `dy2` re-pooled and times `act'` (eq. 5) into `dz`, and the
 /// chunk's kernel gradient `dk = Σ_e x_e ⋆ dz_e` (eq. 6).
-fn backward_chunk(cfg: &NetConfig, m: usize, xf: &[f32], z: &[f32], am: &[u32], dy2: &[f32], cb: &mut ChunkBuf) {
+fn backward_chunk(
+    cfg: &NetConfig,
+    m: usize,
+    xf: &[f32],
+    z: &[f32],
+    am: &[u32],
+    dy2: &[f32],
+    cb: &mut ChunkBuf,
+) {
     let w = wide(cfg);
     let (nk, wq) = (cfg.n_kernels, w.wq());
     pool_backward(cfg, m, dy2, am, z, &mut cb.dz);
@@ -442,15 +566,7 @@ fn pool_forward(cfg: &NetConfig, m: usize, y_m3: &[f32], y2: &mut [f32], amax: &
             let map = (e * nk + n) * wq;
             let out = &mut y2[e * f + n * pp..e * f + (n + 1) * pp];
             match (cfg.pooling, ps) {
-                (Pooling::Mean, 2) => {
-                    for (r, o) in out.chunks_exact_mut(pooled).enumerate() {
-                        let r0 = &y_m3[map + 2 * r * img..][..2 * pooled];
-                        let r1 = &y_m3[map + (2 * r + 1) * img..][..2 * pooled];
-                        for ((o, a), b) in o.iter_mut().zip(r0.chunks_exact(2)).zip(r1.chunks_exact(2)) {
-                            *o = (a[0] + a[1] + b[0] + b[1]) * inv;
-                        }
-                    }
-                }
+                (Pooling::Mean, 2) => mean_pool2(&y_m3[map..map + wq], img, pooled, out),
                 (Pooling::Mean, _) => {
                     for r in 0..pooled {
                         for c in 0..pooled {
@@ -489,11 +605,29 @@ fn pool_forward(cfg: &NetConfig, m: usize, y_m3: &[f32], y2: &mut [f32], amax: &
 /// Re-pooling (backward of [`pool_forward`]) times the conv activation's derivative:
 /// `dz[e][n][r][c] = dy2[e][n][r/p][c/p] / p² · act'(y_m3)` (mean), or routed to the arg-max (max).
 /// Only valid positions are written; the junk positions of `dz` stay 0.
-fn pool_backward(cfg: &NetConfig, m: usize, dy2: &[f32], amax: &[u32], y_m3: &[f32], dz: &mut [f32]) {
+fn pool_backward(
+    cfg: &NetConfig,
+    m: usize,
+    dy2: &[f32],
+    amax: &[u32],
+    y_m3: &[f32],
+    dz: &mut [f32],
+) {
     let (img, ps, pooled, nk, conv) = (cfg.img, cfg.pool, cfg.pooled(), cfg.n_kernels, cfg.conv());
     let (wq, f, pp) = (wide(cfg).wq(), cfg.flat(), pooled * pooled);
     let dz = &mut dz[..m * nk * wq];
     match cfg.pooling {
+        Pooling::Mean if ps == 2 && cfg.conv_act == Activation::Relu => {
+            // The default network: re-pooling and ReLU' in one pass.
+            for e in 0..m {
+                for n in 0..nk {
+                    let map = (e * nk + n) * wq;
+                    let g = &dy2[e * f + n * pp..e * f + (n + 1) * pp];
+                    mean_repool2_relu(g, &y_m3[map..map + wq], img, pooled, &mut dz[map..map + wq]);
+                }
+            }
+            return;
+        }
         Pooling::Mean => {
             let inv = 1.0 / (ps * ps) as f32;
             for e in 0..m {
@@ -532,7 +666,7 @@ fn pool_backward(cfg: &NetConfig, m: usize, dy2: &[f32], amax: &[u32], y_m3: &[f
 /// `v = act(v)` element-wise, with the activation chosen once outside the loop.
 fn act_in_place(act: Activation, v: &mut [f32]) {
     match act {
-        Activation::Relu => v.iter_mut().for_each(|x| *x = x.max(0.0)),
+        Activation::Relu => relu_in_place(v),
         Activation::Sigmoid => v.iter_mut().for_each(|x| *x = Activation::Sigmoid.f32(*x)),
         Activation::Tanh => v.iter_mut().for_each(|x| *x = x.tanh()),
     }
@@ -541,7 +675,10 @@ fn act_in_place(act: Activation, v: &mut [f32]) {
 /// `g = g ⊙ act'(·)`, the derivative written from the activation's output `y`.
 fn act_backward_in_place(act: Activation, g: &mut [f32], y: &[f32]) {
     match act {
-        Activation::Relu => g.iter_mut().zip(y).for_each(|(g, &y)| *g = if y > 0.0 { *g } else { 0.0 }),
+        Activation::Relu => g
+            .iter_mut()
+            .zip(y)
+            .for_each(|(g, &y)| *g = if y > 0.0 { *g } else { 0.0 }),
         Activation::Sigmoid => g.iter_mut().zip(y).for_each(|(g, &y)| *g *= y * (1.0 - y)),
         Activation::Tanh => g.iter_mut().zip(y).for_each(|(g, &y)| *g *= 1.0 - y * y),
     }

@@ -41,40 +41,101 @@ pub fn backend() -> Backend {
     use std::sync::OnceLock;
     static B: OnceLock<Backend> = OnceLock::new();
     *B.get_or_init(|| {
-        let forced = std::env::var("MNISTCONV_KERNELS").map(|v| v == "portable").unwrap_or(false);
-        if !forced && has_avx512() { Backend::Avx512 } else { Backend::Portable }
+        let forced = std::env::var("MNISTCONV_KERNELS")
+            .map(|v| v == "portable")
+            .unwrap_or(false);
+        if !forced && has_avx512() {
+            Backend::Avx512
+        } else {
+            Backend::Portable
+        }
     })
 }
 
 /// Panics unless every index the product touches lies inside its slice and C's rows do not overlap.
 #[allow(clippy::too_many_arguments)]
-fn check_nn(m: usize, n: usize, k: usize, a: &[f32], ars: usize, acs: usize, b: &[f32], ldb: usize, c: &[f32], ldc: usize) {
-    assert!(ldb >= n && ldc >= n, "gemm_nn: ldb {ldb}, ldc {ldc} must be ≥ n {n}");
+fn check_nn(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    ars: usize,
+    acs: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &[f32],
+    ldc: usize,
+) {
+    assert!(
+        ldb >= n && ldc >= n,
+        "gemm_nn: ldb {ldb}, ldc {ldc} must be ≥ n {n}"
+    );
     if m == 0 || n == 0 {
         return;
     }
-    assert!(c.len() >= (m - 1) * ldc + n, "gemm_nn: C {m}×{n} (ldc {ldc}) needs {} elements, has {}", (m - 1) * ldc + n, c.len());
+    assert!(
+        c.len() >= (m - 1) * ldc + n,
+        "gemm_nn: C {m}×{n} (ldc {ldc}) needs {} elements, has {}",
+        (m - 1) * ldc + n,
+        c.len()
+    );
     if k == 0 {
         return;
     }
     let ea = (m - 1) * ars + (k - 1) * acs + 1;
-    assert!(a.len() >= ea, "gemm_nn: A {m}×{k} (rs {ars}, cs {acs}) needs {ea} elements, has {}", a.len());
+    assert!(
+        a.len() >= ea,
+        "gemm_nn: A {m}×{k} (rs {ars}, cs {acs}) needs {ea} elements, has {}",
+        a.len()
+    );
     let eb = (k - 1) * ldb + n;
-    assert!(b.len() >= eb, "gemm_nn: B {k}×{n} (ldb {ldb}) needs {eb} elements, has {}", b.len());
+    assert!(
+        b.len() >= eb,
+        "gemm_nn: B {k}×{n} (ldb {ldb}) needs {eb} elements, has {}",
+        b.len()
+    );
 }
 
 #[allow(clippy::too_many_arguments)]
-fn check_nt(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f32], ldb: usize, c: &[f32], ldc: usize) {
-    assert!(lda >= k && ldb >= k && ldc >= n, "gemm_nt: lda {lda}, ldb {ldb} must be ≥ k {k}, ldc {ldc} ≥ n {n}");
+fn check_nt(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &[f32],
+    ldc: usize,
+) {
+    assert!(
+        lda >= k && ldb >= k && ldc >= n,
+        "gemm_nt: lda {lda}, ldb {ldb} must be ≥ k {k}, ldc {ldc} ≥ n {n}"
+    );
     if m == 0 || n == 0 {
         return;
     }
-    assert!(c.len() >= (m - 1) * ldc + n, "gemm_nt: C {m}×{n} (ldc {ldc}) needs {} elements, has {}", (m - 1) * ldc + n, c.len());
+    assert!(
+        c.len() >= (m - 1) * ldc + n,
+        "gemm_nt: C {m}×{n} (ldc {ldc}) needs {} elements, has {}",
+        (m - 1) * ldc + n,
+        c.len()
+    );
     if k == 0 {
         return;
     }
-    assert!(a.len() >= (m - 1) * lda + k, "gemm_nt: A {m}×{k} (lda {lda}) needs {} elements, has {}", (m - 1) * lda + k, a.len());
-    assert!(b.len() >= (n - 1) * ldb + k, "gemm_nt: B {n}×{k} (ldb {ldb}) needs {} elements, has {}", (n - 1) * ldb + k, b.len());
+    assert!(
+        a.len() >= (m - 1) * lda + k,
+        "gemm_nt: A {m}×{k} (lda {lda}) needs {} elements, has {}",
+        (m - 1) * lda + k,
+        a.len()
+    );
+    assert!(
+        b.len() >= (n - 1) * ldb + k,
+        "gemm_nt: B {n}×{k} (ldb {ldb}) needs {} elements, has {}",
+        (n - 1) * ldb + k,
+        b.len()
+    );
 }
 
 /// `C = A·B` (or `C += A·B` when `acc`), `A` (m×k) at `a[i·ars + p·acs]`, `B` (k×n) at
@@ -83,14 +144,39 @@ fn check_nt(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f32], ldb:
 /// # Panics
 /// If a matrix reaches outside its slice, or `ldb`/`ldc` < `n`.
 #[allow(clippy::too_many_arguments)]
-pub fn gemm_nn(m: usize, n: usize, k: usize, a: &[f32], ars: usize, acs: usize, b: &[f32], ldb: usize, c: &mut [f32], ldc: usize, acc: bool) {
+pub fn gemm_nn(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    ars: usize,
+    acs: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    acc: bool,
+) {
     gemm_nn_on(backend(), m, n, k, a, ars, acs, b, ldb, c, ldc, acc)
 }
 
 /// [`gemm_nn`] on a chosen backend (tests and benchmarks compare them). `Avx512` on a CPU
 /// without AVX-512F falls back to `Portable`.
 #[allow(clippy::too_many_arguments)]
-pub fn gemm_nn_on(be: Backend, m: usize, n: usize, k: usize, a: &[f32], ars: usize, acs: usize, b: &[f32], ldb: usize, c: &mut [f32], ldc: usize, acc: bool) {
+pub fn gemm_nn_on(
+    be: Backend,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    ars: usize,
+    acs: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    acc: bool,
+) {
     check_nn(m, n, k, a, ars, acs, b, ldb, c, ldc);
     if m == 0 || n == 0 {
         return;
@@ -109,7 +195,21 @@ pub fn gemm_nn_on(be: Backend, m: usize, n: usize, k: usize, a: &[f32], ars: usi
             // p < k; B: p·ldb + j for j < n) and writes (C: i·ldc + j, with ldc ≥ n so rows do not
             // overlap) lies inside the slices; `c` is an exclusive borrow, so no other reference
             // aliases the written memory.
-            unsafe { avx512::nn(m, n, k, a.as_ptr(), ars, acs, b.as_ptr(), ldb, c.as_mut_ptr(), ldc, acc) }
+            unsafe {
+                avx512::nn(
+                    m,
+                    n,
+                    k,
+                    a.as_ptr(),
+                    ars,
+                    acs,
+                    b.as_ptr(),
+                    ldb,
+                    c.as_mut_ptr(),
+                    ldc,
+                    acc,
+                )
+            }
         }
         _ => {
             // SAFETY: as above, `check_nn` bounded every index; matrixmultiply reads A and B and
@@ -142,13 +242,36 @@ pub fn gemm_nn_on(be: Backend, m: usize, n: usize, k: usize, a: &[f32], ars: usi
 /// # Panics
 /// If a matrix reaches outside its slice, or a leading dimension is too small.
 #[allow(clippy::too_many_arguments)]
-pub fn gemm_nt(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f32], ldb: usize, c: &mut [f32], ldc: usize, acc: bool) {
+pub fn gemm_nt(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    acc: bool,
+) {
     gemm_nt_on(backend(), m, n, k, a, lda, b, ldb, c, ldc, acc)
 }
 
 /// [`gemm_nt`] on a chosen backend. `Avx512` on a CPU without AVX-512F falls back to `Portable`.
 #[allow(clippy::too_many_arguments)]
-pub fn gemm_nt_on(be: Backend, m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f32], ldb: usize, c: &mut [f32], ldc: usize, acc: bool) {
+pub fn gemm_nt_on(
+    be: Backend,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    acc: bool,
+) {
     check_nt(m, n, k, a, lda, b, ldb, c, ldc);
     if m == 0 || n == 0 {
         return;
@@ -165,7 +288,20 @@ pub fn gemm_nt_on(be: Backend, m: usize, n: usize, k: usize, a: &[f32], lda: usi
             // SAFETY: the guard checked `is_x86_feature_detected!("avx512f")`. `check_nt` asserted that A's rows
             // i·lda..i·lda+k (i < m), B's rows j·ldb..j·ldb+k (j < n) and C's elements i·ldc + j
             // (ldc ≥ n) lie inside the slices; `c` is an exclusive borrow.
-            unsafe { avx512::nt(m, n, k, a.as_ptr(), lda, b.as_ptr(), ldb, c.as_mut_ptr(), ldc, acc) }
+            unsafe {
+                avx512::nt(
+                    m,
+                    n,
+                    k,
+                    a.as_ptr(),
+                    lda,
+                    b.as_ptr(),
+                    ldb,
+                    c.as_mut_ptr(),
+                    ldc,
+                    acc,
+                )
+            }
         }
         _ => {
             // SAFETY: `check_nt` bounded every index; B (n×k, row-major) is read as the k×n
@@ -192,13 +328,13 @@ pub fn gemm_nt_on(be: Backend, m: usize, n: usize, k: usize, a: &[f32], lda: usi
     }
 }
 
+/// Most taps the SIMD conv kernels take (16×16); larger kernels use the plain loops.
+const MAX_TAPS: usize = 256;
+
 /// The conv layer's "wide" layout. Output position `(r, c)` of a map is stored at
 /// `q = r·img + c` (the input's own row stride), so tap `(i, j)` of every output reads the input
 /// at `q + i·img + j`: one contiguous run per tap, with no im2col copy. The `img − conv` columns
 /// at the end of each row are junk, computed and ignored.
-/// Most taps the SIMD conv kernels take (16×16); larger kernels use the plain loops.
-const MAX_TAPS: usize = 256;
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Wide {
     /// Image side.
@@ -223,7 +359,9 @@ impl Wide {
     /// Floats per image slot of the input: room for `img²` pixels and for every read
     /// `q + off(p)`, `q < wq`; the slot's tail must be zeros (or any finite values).
     pub fn slot(&self) -> usize {
-        (self.wq() + self.off(self.ks * self.ks - 1)).max(self.img * self.img).next_multiple_of(16)
+        (self.wq() + self.off(self.ks * self.ks - 1))
+            .max(self.img * self.img)
+            .next_multiple_of(16)
     }
     /// Every tap's offset, on the stack (the SIMD path takes kernels of up to 16×16).
     fn offsets(&self) -> [usize; MAX_TAPS] {
@@ -234,7 +372,12 @@ impl Wide {
         o
     }
     fn check(&self) {
-        assert!(self.ks >= 1 && self.ks <= self.img, "conv: kernel {} for image {}", self.ks, self.img);
+        assert!(
+            self.ks >= 1 && self.ks <= self.img,
+            "conv: kernel {} for image {}",
+            self.ks,
+            self.img
+        );
     }
 }
 
@@ -248,7 +391,12 @@ pub fn conv_wide(w: Wide, k: &[f32], n_k: usize, x: &[f32], m: usize, out: &mut 
     w.check();
     let (kk, wq, xs) = (w.ks * w.ks, w.wq(), w.slot());
     assert!(k.len() >= n_k * kk, "conv: k too short");
-    assert!(x.len() >= m * xs, "conv: x has {} floats, needs {}", x.len(), m * xs);
+    assert!(
+        x.len() >= m * xs,
+        "conv: x has {} floats, needs {}",
+        x.len(),
+        m * xs
+    );
     assert!(out.len() >= m * n_k * wq, "conv: out too short");
     #[cfg(target_arch = "x86_64")]
     if backend() == Backend::Avx512 && kk <= MAX_TAPS {
@@ -259,7 +407,15 @@ pub fn conv_wide(w: Wide, k: &[f32], n_k: usize, x: &[f32], m: usize, out: &mut 
             // x[e·xs + q + off(p)] for q < wq, which is < e·xs + xs by the definition of `slot`
             // and within x by the assertion. Writes: out[(e·n_k + n)·wq + q], q < wq, within out.
             unsafe {
-                avx512::conv_fwd(n_k, kk, k.as_ptr(), x.as_ptr().add(e * xs), offs, wq, out.as_mut_ptr().add(e * n_k * wq))
+                avx512::conv_fwd(
+                    n_k,
+                    kk,
+                    k.as_ptr(),
+                    x.as_ptr().add(e * xs),
+                    offs,
+                    wq,
+                    out.as_mut_ptr().add(e * n_k * wq),
+                )
             };
         }
         return;
@@ -273,7 +429,9 @@ pub fn conv_wide_naive(w: Wide, k: &[f32], n_k: usize, x: &[f32], m: usize, out:
     for e in 0..m {
         for n in 0..n_k {
             for q in 0..wq {
-                let s: f32 = (0..kk).map(|p| k[n * kk + p] * x[e * xs + q + w.off(p)]).sum();
+                let s: f32 = (0..kk)
+                    .map(|p| k[n * kk + p] * x[e * xs + q + w.off(p)])
+                    .sum();
                 out[(e * n_k + n) * wq + q] = s;
             }
         }
@@ -299,7 +457,19 @@ pub fn conv_wide_dk(w: Wide, dz: &[f32], n_k: usize, x: &[f32], m: usize, dk: &m
         // SAFETY: AVX-512F was detected. Reads dz[(e·n_k + n)·wq + q] and x[e·xs + q + off(p)]
         // for e < m, n < n_k, q < wq, p < kk, all within the slices (assertions above and the
         // definition of `slot`); writes dk[n·kk + p], within dk.
-        unsafe { avx512::conv_dk(n_k, kk, dz.as_ptr(), x.as_ptr(), xs, m, offs, wq, dk.as_mut_ptr()) };
+        unsafe {
+            avx512::conv_dk(
+                n_k,
+                kk,
+                dz.as_ptr(),
+                x.as_ptr(),
+                xs,
+                m,
+                offs,
+                wq,
+                dk.as_mut_ptr(),
+            )
+        };
         return;
     }
     conv_wide_dk_naive(w, dz, n_k, x, m, dk);
@@ -321,9 +491,118 @@ pub fn conv_wide_dk_naive(w: Wide, dz: &[f32], n_k: usize, x: &[f32], m: usize, 
     }
 }
 
+/// `dst[i] = src[i] / 255` (as `f32::from(src[i]) * (1/255)`), the batch's pixels.
+///
+/// # Panics
+/// If `dst` is shorter than `src`.
+pub fn pixels_to_f32(src: &[u8], dst: &mut [f32]) {
+    assert!(dst.len() >= src.len(), "pixels: dst too short");
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if backend() == Backend::Avx512 {
+        done = src.len() / 16 * 16;
+        // SAFETY: AVX-512F was detected; reads src[..done] and writes dst[..done], done ≤ both lengths.
+        unsafe { avx512::pixels(src.as_ptr(), dst.as_mut_ptr(), done / 16) };
+    }
+    for (d, &s) in dst[done..src.len()].iter_mut().zip(&src[done..]) {
+        *d = f32::from(s) * (1.0 / 255.0);
+    }
+}
+
+/// ReLU in place: `v = max(v, 0)`.
+pub fn relu_in_place(v: &mut [f32]) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if backend() == Backend::Avx512 {
+        done = v.len() / 16 * 16;
+        // SAFETY: AVX-512F was detected; reads and writes v[..done].
+        unsafe { avx512::relu(v.as_mut_ptr(), done / 16) };
+    }
+    for x in &mut v[done..] {
+        *x = x.max(0.0);
+    }
+}
+
+/// 2×2 mean pooling of one map in the wide layout (`map`: rows of stride `img`, `2·pooled`
+/// valid columns each), into `out` (pooled, pooled):
+/// `out[r][c] = ((a0 + b0) + (a1 + b1)) · ¼` with `a`, `b` the window's top and bottom pairs.
+///
+/// # Panics
+/// If a slice is too short.
+pub fn mean_pool2(map: &[f32], img: usize, pooled: usize, out: &mut [f32]) {
+    assert!(
+        2 * pooled <= img,
+        "pool: {pooled} pooled columns do not fit rows of {img}"
+    );
+    assert!(
+        pooled == 0 || map.len() >= (2 * pooled - 1) * img + 2 * pooled,
+        "pool: map too short"
+    );
+    assert!(out.len() >= pooled * pooled, "pool: out too short");
+    #[cfg(target_arch = "x86_64")]
+    if backend() == Backend::Avx512 && pooled <= 16 {
+        // SAFETY: AVX-512F was detected; reads map rows 0..2·pooled, columns 0..2·pooled (masked
+        // loads, within the length checked above) and writes out[..pooled²] (masked stores).
+        unsafe { avx512::mean_pool2(map.as_ptr(), img, pooled, out.as_mut_ptr()) };
+        return;
+    }
+    for r in 0..pooled {
+        for c in 0..pooled {
+            let (a, b) = (
+                &map[2 * r * img + 2 * c..],
+                &map[(2 * r + 1) * img + 2 * c..],
+            );
+            out[r * pooled + c] = ((a[0] + b[0]) + (a[1] + b[1])) * 0.25;
+        }
+    }
+}
+
+/// Backward of [`mean_pool2`] through a ReLU: `dz[r][c] = g[r/2][c/2] · ¼` where `y[r][c] > 0`,
+/// else 0, for the `2·pooled` valid rows and columns of a wide-layout map (stride `img`).
+///
+/// # Panics
+/// If a slice is too short.
+pub fn mean_repool2_relu(g: &[f32], y: &[f32], img: usize, pooled: usize, dz: &mut [f32]) {
+    let conv = 2 * pooled;
+    assert!(
+        conv <= img,
+        "repool: {pooled} pooled columns do not fit rows of {img}"
+    );
+    assert!(g.len() >= pooled * pooled, "repool: g too short");
+    assert!(
+        pooled == 0 || (y.len().min(dz.len()) >= (conv - 1) * img + conv),
+        "repool: map too short"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if backend() == Backend::Avx512 && pooled <= 16 {
+        // SAFETY: AVX-512F was detected; reads g[..pooled²] and y rows 0..conv, columns 0..conv,
+        // writes the same positions of dz, all within the lengths checked above (masked tails).
+        unsafe { avx512::mean_repool2_relu(g.as_ptr(), y.as_ptr(), img, pooled, dz.as_mut_ptr()) };
+        return;
+    }
+    for r in 0..conv {
+        for c in 0..conv {
+            let v = g[(r / 2) * pooled + c / 2] * 0.25;
+            dz[r * img + c] = if y[r * img + c] > 0.0 { v } else { 0.0 };
+        }
+    }
+}
+
 /// The reference for [`gemm_nn`]: plain loops, summing over `p` in order.
 #[allow(clippy::too_many_arguments)]
-pub fn gemm_nn_naive(m: usize, n: usize, k: usize, a: &[f32], ars: usize, acs: usize, b: &[f32], ldb: usize, c: &mut [f32], ldc: usize, acc: bool) {
+pub fn gemm_nn_naive(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    ars: usize,
+    acs: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    acc: bool,
+) {
     check_nn(m, n, k, a, ars, acs, b, ldb, c, ldc);
     for i in 0..m {
         for j in 0..n {
@@ -336,7 +615,18 @@ pub fn gemm_nn_naive(m: usize, n: usize, k: usize, a: &[f32], ars: usize, acs: u
 
 /// The reference for [`gemm_nt`]: plain dot products.
 #[allow(clippy::too_many_arguments)]
-pub fn gemm_nt_naive(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f32], ldb: usize, c: &mut [f32], ldc: usize, acc: bool) {
+pub fn gemm_nt_naive(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    acc: bool,
+) {
     check_nt(m, n, k, a, lda, b, ldb, c, ldc);
     for i in 0..m {
         for j in 0..n {
@@ -351,6 +641,8 @@ pub fn gemm_nt_naive(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f
 mod avx512 {
     //! AVX-512F micro-kernels. Callers guarantee the CPU has AVX-512F and that all indices are in
     //! bounds (checked in the safe wrappers above).
+    // Register tiles are indexed by constant loop counters that unroll; iterators would hide that.
+    #![allow(clippy::needless_range_loop)]
     use std::arch::x86_64::*;
 
     /// Rows of C per `nn` tile (one broadcast of A each) and 16-lane vectors of C per row.
@@ -365,7 +657,11 @@ mod avx512 {
     /// Lanes `0..w` of a 16-lane vector.
     #[inline(always)]
     fn mask(w: usize) -> __mmask16 {
-        if w >= 16 { 0xffff } else { ((1u32 << w) - 1) as __mmask16 }
+        if w >= 16 {
+            0xffff
+        } else {
+            ((1u32 << w) - 1) as __mmask16
+        }
     }
 
     /// One `MR × NV·16` tile of C = A·B: `nv ≤ NV` vectors wide, the last `last` lanes wide.
@@ -414,7 +710,11 @@ mod avx512 {
                 unsafe {
                     let dst = c.add(i * ldc + 16 * v);
                     let m = if v + 1 == NV { last } else { 0xffff };
-                    let r = if acc { _mm512_add_ps(_mm512_maskz_loadu_ps(m, dst), t[i][v]) } else { t[i][v] };
+                    let r = if acc {
+                        _mm512_add_ps(_mm512_maskz_loadu_ps(m, dst), t[i][v])
+                    } else {
+                        t[i][v]
+                    };
                     _mm512_mask_storeu_ps(dst, m, r);
                 }
             }
@@ -425,7 +725,19 @@ mod avx512 {
     /// AVX-512F present and every index in bounds (see `gemm_nn`).
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn nn(m: usize, n: usize, k: usize, a: *const f32, ars: usize, acs: usize, b: *const f32, ldb: usize, c: *mut f32, ldc: usize, acc: bool) {
+    pub unsafe fn nn(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: *const f32,
+        ars: usize,
+        acs: usize,
+        b: *const f32,
+        ldb: usize,
+        c: *mut f32,
+        ldc: usize,
+        acc: bool,
+    ) {
         let mut p0 = 0;
         while p0 < k {
             let kc = (k - p0).min(NN_KC);
@@ -442,7 +754,11 @@ mod avx512 {
                     // SAFETY: the tile covers rows i..i+mr < m, columns j..j+w ≤ n and depth
                     // p0..p0+kc ≤ k, all in bounds.
                     unsafe {
-                        let (ap, bp, cp) = (a.add(i * ars + p0 * acs), b.add(p0 * ldb + j), c.add(i * ldc + j));
+                        let (ap, bp, cp) = (
+                            a.add(i * ars + p0 * acs),
+                            b.add(p0 * ldb + j),
+                            c.add(i * ldc + j),
+                        );
                         macro_rules! go {
                             ($($mr:literal),*) => {
                                 match (mr, nv) {
@@ -473,7 +789,14 @@ mod avx512 {
     /// AVX-512F present; k rows i < MR hold kk floats at k + i·kk; x + off[p] + 16·NV floats are
     /// readable for every p; out rows i at out + i·wq hold 16·NV writable floats.
     #[target_feature(enable = "avx512f")]
-    unsafe fn conv_tile<const MR: usize, const NV: usize>(kk: usize, k: *const f32, x: *const f32, offs: &[usize], out: *mut f32, wq: usize) {
+    unsafe fn conv_tile<const MR: usize, const NV: usize>(
+        kk: usize,
+        k: *const f32,
+        x: *const f32,
+        offs: &[usize],
+        out: *mut f32,
+        wq: usize,
+    ) {
         let mut t = [[_mm512_setzero_ps(); NV]; MR];
         for (p, &off) in offs.iter().enumerate().take(kk) {
             // SAFETY: per the contract.
@@ -503,7 +826,15 @@ mod avx512 {
     /// AVX-512F present; `k` (n_k, kk), `x` readable at every q + off[p] (q < wq), `out` (n_k, wq)
     /// writable; wq a multiple of 16.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn conv_fwd(n_k: usize, kk: usize, k: *const f32, x: *const f32, offs: &[usize], wq: usize, out: *mut f32) {
+    pub unsafe fn conv_fwd(
+        n_k: usize,
+        kk: usize,
+        k: *const f32,
+        x: *const f32,
+        offs: &[usize],
+        wq: usize,
+        out: *mut f32,
+    ) {
         let nvt = wq / 16;
         let mut v0 = 0;
         while v0 < nvt {
@@ -546,69 +877,233 @@ mod avx512 {
     /// e < m, i < MR, p in the tile; dk + i·kk + p writable.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn dk_tile<const MR: usize, const NR: usize>(n_k: usize, kk: usize, dz: *const f32, x: *const f32, xs: usize, m: usize, offs: &[usize], wq: usize, dk: *mut f32) {
-        let mut t = [[_mm512_setzero_ps(); NR]; MR];
+    unsafe fn dk_tile<const MR: usize, const NR: usize>(
+        n_k: usize,
+        kk: usize,
+        dz: *const f32,
+        x: *const f32,
+        xs: usize,
+        m: usize,
+        offs: &[usize],
+        wq: usize,
+        dk: *mut f32,
+        add: bool,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); NR]; MR];
         for e in 0..m {
-            let mut q = 0;
-            while q < wq {
-                // SAFETY: per the contract.
-                unsafe {
-                    let mut xv = [_mm512_setzero_ps(); NR];
-                    for j in 0..NR {
-                        xv[j] = _mm512_loadu_ps(x.add(e * xs + offs[j] + q));
-                    }
-                    for i in 0..MR {
-                        let dv = _mm512_loadu_ps(dz.add((e * n_k + i) * wq + q));
-                        for j in 0..NR {
-                            t[i][j] = _mm512_fmadd_ps(dv, xv[j], t[i][j]);
-                        }
-                    }
-                }
-                q += 16;
-            }
+            // SAFETY: per the contract.
+            unsafe { dk_image::<MR, NR>(dz.add(e * n_k * wq), x.add(e * xs), offs, wq, &mut acc) };
         }
         for i in 0..MR {
             for j in 0..NR {
                 // SAFETY: per the contract.
-                unsafe { *dk.add(i * kk + j) = _mm512_reduce_add_ps(t[i][j]) };
+                unsafe {
+                    let d = dk.add(i * kk + j);
+                    *d = if add {
+                        *d + _mm512_reduce_add_ps(acc[i][j])
+                    } else {
+                        _mm512_reduce_add_ps(acc[i][j])
+                    };
+                }
             }
         }
+    }
+
+    /// One image's share of a `dk_tile`: the accumulators come in and go out through memory
+    /// once per image, and live in registers over the image's `wq` positions.
+    ///
+    /// # Safety
+    /// AVX-512F present; dz rows i·wq .. +wq (i < MR) and x + offs[j] .. +wq (j < NR) readable.
+    #[target_feature(enable = "avx512f")]
+    #[inline(never)]
+    unsafe fn dk_image<const MR: usize, const NR: usize>(
+        dz: *const f32,
+        x: *const f32,
+        offs: &[usize],
+        wq: usize,
+        acc: &mut [[__m512; NR]; MR],
+    ) {
+        let mut t = *acc;
+        let mut xp = [x; NR];
+        for j in 0..NR {
+            // SAFETY: per the contract.
+            xp[j] = unsafe { x.add(offs[j]) };
+        }
+        let mut q = 0;
+        while q < wq {
+            // SAFETY: per the contract.
+            unsafe {
+                let mut xv = [_mm512_setzero_ps(); NR];
+                for j in 0..NR {
+                    xv[j] = _mm512_loadu_ps(xp[j].add(q));
+                }
+                for i in 0..MR {
+                    let dv = _mm512_loadu_ps(dz.add(i * wq + q));
+                    for j in 0..NR {
+                        t[i][j] = _mm512_fmadd_ps(dv, xv[j], t[i][j]);
+                    }
+                }
+            }
+            q += 16;
+        }
+        *acc = t;
     }
 
     /// # Safety
     /// As `dk_tile`, for all n < n_k and p < kk; wq a multiple of 16.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn conv_dk(n_k: usize, kk: usize, dz: *const f32, x: *const f32, xs: usize, m: usize, offs: &[usize], wq: usize, dk: *mut f32) {
-        // Map tile outer: its rows of dz stay in L1 while every tap tile reads them.
-        let mut i = 0;
-        while i < n_k {
-            let mr = (n_k - i).min(5);
-            let mut p = 0;
-            while p < kk {
-                let nr = (kk - p).min(4);
-                // SAFETY: maps i..i+mr < n_k and taps p..p+nr ≤ kk are in bounds.
-                unsafe {
-                    let (dzp, dkp, o) = (dz.add(i * wq), dk.add(i * kk + p), &offs[p..p + nr]);
-                    macro_rules! go {
-                        ($($mr:literal),*) => {
-                            match (mr, nr) {
-                                $(
-                                    ($mr, 1) => dk_tile::<$mr, 1>(n_k, kk, dzp, x, xs, m, o, wq, dkp),
-                                    ($mr, 2) => dk_tile::<$mr, 2>(n_k, kk, dzp, x, xs, m, o, wq, dkp),
-                                    ($mr, 3) => dk_tile::<$mr, 3>(n_k, kk, dzp, x, xs, m, o, wq, dkp),
-                                    ($mr, 4) => dk_tile::<$mr, 4>(n_k, kk, dzp, x, xs, m, o, wq, dkp),
-                                    ($mr, 5) => dk_tile::<$mr, 5>(n_k, kk, dzp, x, xs, m, o, wq, dkp),
-                                )*
-                                _ => unreachable!("tile {mr}×{nr}"),
-                            }
-                        };
+    pub unsafe fn conv_dk(
+        n_k: usize,
+        kk: usize,
+        dz: *const f32,
+        x: *const f32,
+        xs: usize,
+        m: usize,
+        offs: &[usize],
+        wq: usize,
+        dk: *mut f32,
+    ) {
+        // One image at a time (its maps stay in L1 while every tap tile reads them), map tiles
+        // outer; each image's sums are reduced across lanes and added to dk.
+        for e in 0..m {
+            let (dz, x, add) = (
+                unsafe { dz.add(e * n_k * wq) },
+                unsafe { x.add(e * xs) },
+                e > 0,
+            );
+            let mut i = 0;
+            while i < n_k {
+                let mr = (n_k - i).min(5);
+                let mut p = 0;
+                while p < kk {
+                    let nr = (kk - p).min(4);
+                    // SAFETY: maps i..i+mr < n_k and taps p..p+nr ≤ kk of image e are in bounds.
+                    unsafe {
+                        let (dzp, dkp, o) = (dz.add(i * wq), dk.add(i * kk + p), &offs[p..p + nr]);
+                        macro_rules! go {
+                            ($($mr:literal),*) => {
+                                match (mr, nr) {
+                                    $(
+                                        ($mr, 1) => dk_tile::<$mr, 1>(n_k, kk, dzp, x, xs, 1, o, wq, dkp, add),
+                                        ($mr, 2) => dk_tile::<$mr, 2>(n_k, kk, dzp, x, xs, 1, o, wq, dkp, add),
+                                        ($mr, 3) => dk_tile::<$mr, 3>(n_k, kk, dzp, x, xs, 1, o, wq, dkp, add),
+                                        ($mr, 4) => dk_tile::<$mr, 4>(n_k, kk, dzp, x, xs, 1, o, wq, dkp, add),
+                                    )*
+                                    _ => unreachable!("tile {mr}×{nr}"),
+                                }
+                            };
+                        }
+                        go!(1, 2, 3, 4, 5);
                     }
-                    go!(1, 2, 3, 4, 5);
+                    p += nr;
                 }
-                p += nr;
+                i += mr;
             }
-            i += mr;
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F present; `16·n` bytes readable at src and floats writable at dst.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn pixels(src: *const u8, dst: *mut f32, n: usize) {
+        let scale = _mm512_set1_ps(1.0 / 255.0);
+        for i in 0..n {
+            // SAFETY: per the contract.
+            unsafe {
+                let b = _mm_loadu_si128(src.add(16 * i) as *const __m128i);
+                let v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
+                _mm512_storeu_ps(dst.add(16 * i), _mm512_mul_ps(v, scale));
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F present; `16·n` floats readable and writable at v.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn relu(v: *mut f32, n: usize) {
+        let zero = _mm512_setzero_ps();
+        for i in 0..n {
+            // SAFETY: per the contract. max(x, 0) returns 0 for NaN, as f32::max does.
+            unsafe {
+                _mm512_storeu_ps(
+                    v.add(16 * i),
+                    _mm512_max_ps(_mm512_loadu_ps(v.add(16 * i)), zero),
+                )
+            };
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F present, `pooled ≤ 16`; map rows 0..2·pooled (stride img) readable for 2·pooled
+    /// columns, out writable for pooled² floats.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn mean_pool2(map: *const f32, img: usize, pooled: usize, out: *mut f32) {
+        let w = 2 * pooled;
+        let (m_lo, m_hi) = (mask(w.min(16)), mask(w.saturating_sub(16)));
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        let quarter = _mm512_set1_ps(0.25);
+        for r in 0..pooled {
+            // SAFETY: per the contract; lanes past 2·pooled are masked off.
+            unsafe {
+                let (a, b) = (map.add(2 * r * img), map.add((2 * r + 1) * img));
+                let lo = _mm512_add_ps(
+                    _mm512_maskz_loadu_ps(m_lo, a),
+                    _mm512_maskz_loadu_ps(m_lo, b),
+                );
+                let hi = _mm512_add_ps(
+                    _mm512_maskz_loadu_ps(m_hi, a.add(16)),
+                    _mm512_maskz_loadu_ps(m_hi, b.add(16)),
+                );
+                let s = _mm512_add_ps(
+                    _mm512_permutex2var_ps(lo, even, hi),
+                    _mm512_permutex2var_ps(lo, odd, hi),
+                );
+                _mm512_mask_storeu_ps(out.add(r * pooled), mask(pooled), _mm512_mul_ps(s, quarter));
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F present, `pooled ≤ 16`; g has pooled² floats; y and dz rows 0..2·pooled
+    /// (stride img) hold 2·pooled floats.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn mean_repool2_relu(
+        g: *const f32,
+        y: *const f32,
+        img: usize,
+        pooled: usize,
+        dz: *mut f32,
+    ) {
+        let w = 2 * pooled;
+        let (m_lo, m_hi) = (mask(w.min(16)), mask(w.saturating_sub(16)));
+        let dup_lo = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+        let dup_hi = _mm512_setr_epi32(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
+        let (quarter, zero) = (_mm512_set1_ps(0.25), _mm512_setzero_ps());
+        for r in 0..w {
+            // SAFETY: per the contract; lanes past 2·pooled (and g's past pooled) are masked off.
+            unsafe {
+                let gv = _mm512_mul_ps(
+                    _mm512_maskz_loadu_ps(mask(pooled), g.add((r / 2) * pooled)),
+                    quarter,
+                );
+                let (yr, dr) = (y.add(r * img), dz.add(r * img));
+                let pos_lo =
+                    _mm512_cmp_ps_mask::<_CMP_GT_OQ>(_mm512_maskz_loadu_ps(m_lo, yr), zero);
+                let pos_hi =
+                    _mm512_cmp_ps_mask::<_CMP_GT_OQ>(_mm512_maskz_loadu_ps(m_hi, yr.add(16)), zero);
+                _mm512_mask_storeu_ps(
+                    dr,
+                    m_lo,
+                    _mm512_maskz_mov_ps(pos_lo, _mm512_permutexvar_ps(dup_lo, gv)),
+                );
+                _mm512_mask_storeu_ps(
+                    dr.add(16),
+                    m_hi,
+                    _mm512_maskz_mov_ps(pos_hi, _mm512_permutexvar_ps(dup_hi, gv)),
+                );
+            }
         }
     }
 
@@ -619,7 +1114,16 @@ mod avx512 {
     /// readable floats; C's tile at c + i·ldc + j is writable.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn nt_tile<const MR: usize, const NR: usize>(k: usize, a: *const f32, lda: usize, b: *const f32, ldb: usize, c: *mut f32, ldc: usize, acc: bool) {
+    unsafe fn nt_tile<const MR: usize, const NR: usize>(
+        k: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        ldb: usize,
+        c: *mut f32,
+        ldc: usize,
+        acc: bool,
+    ) {
         let mut t = [[_mm512_setzero_ps(); NR]; MR];
         let mut p = 0;
         while p < k {
@@ -655,7 +1159,18 @@ mod avx512 {
     /// AVX-512F present and every index in bounds (see `gemm_nt`).
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn nt(m: usize, n: usize, k: usize, a: *const f32, lda: usize, b: *const f32, ldb: usize, c: *mut f32, ldc: usize, acc: bool) {
+    pub unsafe fn nt(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        ldb: usize,
+        c: *mut f32,
+        ldc: usize,
+        acc: bool,
+    ) {
         // B's row tile outer: it is loaded once from L2 while A's rows are reused from L1.
         let mut j = 0;
         while j < n {
@@ -706,11 +1221,23 @@ mod tests {
 
     fn close(x: &[f32], y: &[f32], what: &str) {
         for (i, (a, b)) in x.iter().zip(y).enumerate() {
-            assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{what}: element {i}: {a} vs {b}");
+            assert!(
+                (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                "{what}: element {i}: {a} vs {b}"
+            );
         }
     }
 
-    const SHAPES: &[(usize, usize, usize)] = &[(1, 1, 1), (7, 33, 81), (20, 4000, 81), (13, 2000, 100), (100, 100, 2000), (6, 64, 5), (5, 17, 16), (3, 4, 0)];
+    const SHAPES: &[(usize, usize, usize)] = &[
+        (1, 1, 1),
+        (7, 33, 81),
+        (20, 4000, 81),
+        (13, 2000, 100),
+        (100, 100, 2000),
+        (6, 64, 5),
+        (5, 17, 16),
+        (3, 4, 0),
+    ];
 
     /// The chosen kernel and the portable one against the naive loops, with padded leading
     /// dimensions, strided A, and both overwrite and accumulate.
@@ -794,7 +1321,9 @@ mod tests {
             // The valid outputs are the cross-correlation.
             let conv = w.conv();
             let (r, c, n) = (conv - 1, conv / 2, n_k - 1);
-            let want: f32 = (0..ks * ks).map(|p| k[n * ks * ks + p] * x[(r + p / ks) * img + c + p % ks]).sum();
+            let want: f32 = (0..ks * ks)
+                .map(|p| k[n * ks * ks + p] * x[(r + p / ks) * img + c + p % ks])
+                .sum();
             assert!((b[n * w.wq() + r * img + c] - want).abs() < 1e-4);
 
             let mut dz = rand_vec(m * n_k * w.wq(), 13);
@@ -808,6 +1337,51 @@ mod tests {
             conv_wide_dk(w, &dz, n_k, &x, m, &mut da);
             conv_wide_dk_naive(w, &dz, n_k, &x, m, &mut db);
             close(&da, &db, "conv_wide_dk");
+        }
+    }
+
+    #[test]
+    fn elementwise_kernels_match_plain_loops() {
+        let src: Vec<u8> = (0..1000u32).map(|i| (i * 37 % 256) as u8).collect();
+        let mut a = vec![0.0; 1000];
+        pixels_to_f32(&src, &mut a);
+        for (x, &s) in a.iter().zip(&src) {
+            assert_eq!(*x, f32::from(s) * (1.0 / 255.0));
+        }
+        let mut v = rand_vec(1001, 3);
+        v[5] = f32::NAN;
+        let want: Vec<f32> = v.iter().map(|x| x.max(0.0)).collect();
+        relu_in_place(&mut v);
+        assert_eq!(v, want);
+        for (img, pooled) in [(28, 10), (12, 6), (40, 16), (5, 1)] {
+            let map = rand_vec(2 * pooled * img, 4);
+            let mut out = vec![0.0; pooled * pooled];
+            mean_pool2(&map, img, pooled, &mut out);
+            for r in 0..pooled {
+                for c in 0..pooled {
+                    let s = map[2 * r * img + 2 * c]
+                        + map[2 * r * img + 2 * c + 1]
+                        + map[(2 * r + 1) * img + 2 * c]
+                        + map[(2 * r + 1) * img + 2 * c + 1];
+                    assert!((out[r * pooled + c] - s / 4.0).abs() < 1e-6);
+                }
+            }
+            let g = rand_vec(pooled * pooled, 5);
+            let y = rand_vec(2 * pooled * img, 6);
+            let mut dz = vec![7.0; 2 * pooled * img];
+            mean_repool2_relu(&g, &y, img, pooled, &mut dz);
+            for r in 0..2 * pooled {
+                for c in 0..img {
+                    let want = if c >= 2 * pooled {
+                        7.0
+                    } else if y[r * img + c] > 0.0 {
+                        g[(r / 2) * pooled + c / 2] * 0.25
+                    } else {
+                        0.0
+                    };
+                    assert_eq!(dz[r * img + c], want, "r {r} c {c}");
+                }
+            }
         }
     }
 
