@@ -588,6 +588,26 @@ pub fn mean_repool2_relu(g: &[f32], y: &[f32], img: usize, pooled: usize, dz: &m
     }
 }
 
+/// A register-only loop of independent FMAs (`iters` rounds of 16 vectors), to measure the
+/// arithmetic ceiling; returns the FLOPs it did (2 per multiply-add, per lane).
+pub fn fma_loop(iters: usize) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if backend() == Backend::Avx512 {
+        // SAFETY: AVX-512F was detected; the loop touches no memory.
+        let s = unsafe { avx512::fma_loop(iters) };
+        std::hint::black_box(s);
+        return (iters * 16 * 16 * 2) as f64;
+    }
+    let mut acc = [0.0f32; 64];
+    for _ in 0..iters {
+        for a in acc.iter_mut() {
+            *a = a.mul_add(1.000_000_1, 0.999_999_9);
+        }
+    }
+    std::hint::black_box(acc);
+    (iters * 64 * 2) as f64
+}
+
 /// The reference for [`gemm_nn`]: plain loops, summing over `p` in order.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_nn_naive(
@@ -1001,6 +1021,24 @@ mod avx512 {
                 i += mr;
             }
         }
+    }
+
+    /// # Safety
+    /// AVX-512F present.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn fma_loop(iters: usize) -> f32 {
+        let mut t = [_mm512_setzero_ps(); 16];
+        let (a, b) = (_mm512_set1_ps(1.000_000_1), _mm512_set1_ps(0.999_999_9));
+        for _ in 0..iters {
+            for v in t.iter_mut() {
+                *v = _mm512_fmadd_ps(*v, a, b);
+            }
+        }
+        let mut s = _mm512_setzero_ps();
+        for v in t {
+            s = _mm512_add_ps(s, v);
+        }
+        _mm512_reduce_add_ps(s)
     }
 
     /// # Safety

@@ -33,6 +33,7 @@
 //! assert!((a.y.iter().sum::<f64>() - 1.0).abs() < 1e-12);
 //! ```
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod error;

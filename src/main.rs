@@ -30,6 +30,52 @@ enum Cmd {
     Eval(EvalArgs),
     /// Check every hand-derived gradient against central finite differences (f64).
     Gradcheck(GradcheckArgs),
+    /// Measure training and inference speed, and the machine's GEMM and FMA ceilings.
+    Bench(BenchArgs),
+    /// Classify images of a data set by index: top 3 classes with probabilities.
+    Predict(PredictArgs),
+}
+
+#[derive(clap::Args)]
+struct PredictArgs {
+    /// Checkpoint to use.
+    #[arg(long)]
+    model: PathBuf,
+    /// Data directory (default: the embedded sample).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Which files: t10k-* (test) or train-*.
+    #[arg(long, value_enum, default_value = "test")]
+    split: SplitArg,
+    /// Image indices (one or more).
+    #[arg(long, num_args = 1.., required = true)]
+    index: Vec<usize>,
+    /// One JSON object per image (with the logits and all probabilities).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Data directory whose train-* images are used (default: the embedded sample); images are
+    /// reused cyclically to make up --images.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Images per training epoch.
+    #[arg(long, default_value_t = 60_000)]
+    images: usize,
+    /// Mini-batch size.
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// Timed runs; medians are reported.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// One JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -205,6 +251,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Train(a) => cmd_train(a),
         Cmd::Eval(a) => cmd_eval(a),
         Cmd::Gradcheck(a) => cmd_gradcheck(a),
+        Cmd::Bench(a) => cmd_bench(a),
+        Cmd::Predict(a) => cmd_predict(a),
     }
 }
 
@@ -394,6 +442,46 @@ fn cmd_train(a: TrainArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn split_data(data: &Option<PathBuf>, split: SplitArg) -> anyhow::Result<(Dataset, String)> {
+    Ok(match (data, split) {
+        (None, SplitArg::Test) => (mnist::embedded::test(), "embedded sample, test split".to_string()),
+        (None, SplitArg::Train) => (mnist::embedded::train(), "embedded sample, train split".to_string()),
+        (Some(d), s) => {
+            let split = if s == SplitArg::Test { Split::Test } else { Split::Train };
+            (mnist::load_split(d, split)?, d.display().to_string())
+        }
+    })
+}
+
+fn cmd_predict(a: PredictArgs) -> anyhow::Result<ExitCode> {
+    let model = checkpoint::load(&a.model)?;
+    let (data, source) = split_data(&a.data, a.split)?;
+    data.check_fits(model.cfg.img, model.cfg.classes, &source)?;
+    let p64 = model.params.map(f64::from);
+    for &i in &a.index {
+        if i >= data.len() {
+            bail!("--index {i}: {source} has {} images (0..{})", data.len(), data.len());
+        }
+        let label = usize::from(data.labels[i]);
+        // The f64 reference path: the logits exactly as the formulas give them.
+        let act = mnistconv::reference::forward(&model.cfg, &p64, &data.image_f64(i), label);
+        let mut order: Vec<usize> = (0..act.y.len()).collect();
+        order.sort_by(|&x, &y| act.y[y].total_cmp(&act.y[x]));
+        if a.json {
+            println!(
+                "{}",
+                json!({"index": i, "label": label, "prediction": order[0],
+                       "top3": order.iter().take(3).map(|&c| json!({"class": c, "probability": act.y[c]})).collect::<Vec<_>>(),
+                       "probabilities": act.y, "logits": act.v})
+            );
+        } else {
+            let top: Vec<String> = order.iter().take(3).map(|&c| format!("{c} ({})", pct(act.y[c]))).collect();
+            println!("image {i} (label {label}): {}", top.join("  "));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn cmd_eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
     if a.threads == Some(0) {
         bail!("--threads must be at least 1 (leave it out to use every core)");
@@ -511,4 +599,29 @@ fn cmd_gradcheck(a: GradcheckArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+fn cmd_bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
+    if a.threads == Some(0) || a.batch == 0 || a.runs == 0 || a.images == 0 {
+        bail!("--threads, --batch, --runs and --images must be at least 1");
+    }
+    let data = match &a.data {
+        Some(d) => mnist::load_split(d, Split::Train)?,
+        None => mnist::embedded::train(),
+    };
+    let r = mnistconv::bench::run(&data, a.images, a.batch, a.runs, a.threads.unwrap_or(0))?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("mnistconv bench: {} threads, {} kernels, medians of {} runs", r.threads, r.kernels, r.runs);
+    println!("  training, batch {:>4}:  {:.3} s per {}-image epoch, {:.0} images/s, {:.1} GFLOP/s", r.batch, r.train_epoch_seconds, r.images, r.train_images_per_second, r.train_gflops);
+    println!("  inference, batched:    {:.0} images/s", r.infer_images_per_second);
+    println!("  inference, one image:  {:.1} µs (one thread)", r.latency_us);
+    println!("  f32 GEMM 1024³:        {:.1} GFLOP/s  (training reaches {:.0}% of it)", r.gemm_gflops, 100.0 * r.fraction_of_gemm);
+    println!("  FMA peak:              {:.1} GFLOP/s  (training reaches {:.0}% of it)", r.fma_peak_gflops, 100.0 * r.fraction_of_peak);
+    if let Some(m) = r.peak_rss_mb {
+        println!("  peak RSS:              {m:.0} MB");
+    }
+    Ok(ExitCode::SUCCESS)
 }
