@@ -426,18 +426,20 @@ fn forward(
         });
 }
 
-/// `out (cols, rows) = aᵀ` for a row-major `a` (rows, cols), in cache-sized blocks.
+/// `out (cols, rows) = aᵀ` for a row-major `a` (rows, cols), in parallel blocks of output rows.
 fn transpose(a: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
     const T: usize = 32;
-    for i0 in (0..rows).step_by(T) {
-        for j0 in (0..cols).step_by(T) {
+    out[..rows * cols].par_chunks_mut(T * rows).enumerate().for_each(|(jb, o)| {
+        let j0 = jb * T;
+        let nj = o.len() / rows;
+        for i0 in (0..rows).step_by(T) {
             for i in i0..(i0 + T).min(rows) {
-                for j in j0..(j0 + T).min(cols) {
-                    out[j * rows + i] = a[i * cols + j];
+                for j in 0..nj {
+                    o[j * rows + i] = a[i * cols + j0 + j];
                 }
             }
         }
-    }
+    });
 }
 
 /// Conv + activation + pooling for one chunk of `m` images (`xf`: their slots).
