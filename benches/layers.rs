@@ -30,7 +30,10 @@ fn time(mut f: impl FnMut()) -> f64 {
 }
 
 fn row(layer: &str, reference_us: f64, fast_us: f64) {
-    println!("{layer:<34} {reference_us:>12.2} {fast_us:>12.2} {:>9.1}×", reference_us / fast_us);
+    println!(
+        "{layer:<34} {reference_us:>12.2} {fast_us:>12.2} {:>9.1}×",
+        reference_us / fast_us
+    );
 }
 
 fn main() {
@@ -44,7 +47,10 @@ fn main() {
     let a = reference::forward(&cfg, &p64, &x64, label);
     let bp = reference::backward(&cfg, &p64, &a);
 
-    println!("per image, µs (median)             {:>12} {:>12} {:>10}", "reference", "fast", "speed-up");
+    println!(
+        "per image, µs (median)             {:>12} {:>12} {:>10}",
+        "reference", "fast", "speed-up"
+    );
     let w = Wide { img: 28, ks: 9 };
     let mut xs = vec![0.0f32; w.slot()];
     for (d, &s) in xs.iter_mut().zip(data.image(0)) {
@@ -73,7 +79,12 @@ fn main() {
         }),
         time(|| {
             for n in 0..20 {
-                kernels::mean_pool2(&z[n * w.wq()..(n + 1) * w.wq()], 28, 10, &mut y2[n * 100..(n + 1) * 100]);
+                kernels::mean_pool2(
+                    &z[n * w.wq()..(n + 1) * w.wq()],
+                    28,
+                    10,
+                    &mut y2[n * 100..(n + 1) * 100],
+                );
             }
         }),
     );
@@ -87,7 +98,13 @@ fn main() {
         time(|| {
             for n in 0..20 {
                 let m = n * w.wq()..(n + 1) * w.wq();
-                kernels::mean_repool2_relu(&y2[n * 100..(n + 1) * 100], &z[m.clone()], 28, 10, &mut dz[m]);
+                kernels::mean_repool2_relu(
+                    &y2[n * 100..(n + 1) * 100],
+                    &z[m.clone()],
+                    28,
+                    10,
+                    &mut dz[m],
+                );
             }
         }),
     );
@@ -106,7 +123,8 @@ fn main() {
         time(|| {
             black_box(reference::dense_forward(&p64.w_m1, &[], &a.y_m2));
         }),
-        time(|| kernels::gemm_nn(b, 100, 2000, &y2b, 2000, 1, &w1t, 100, &mut y1, 100, false)) / b as f64,
+        time(|| kernels::gemm_nn(b, 100, 2000, &y2b, 2000, 1, &w1t, 100, &mut y1, 100, false))
+            / b as f64,
     );
     let dv1 = vec![0.01f32; b * 100];
     let mut dw1 = vec![0.0f32; 100 * 2000];
@@ -115,11 +133,21 @@ fn main() {
     row(
         "fc1 backward (∂J/∂w⁽⁻¹⁾, ∂L/∂y⁽⁻²⁾)",
         time(|| {
-            black_box(reference::dense_backward(&p64.w_m1, &a.y_m2, &bp.dv_m1, &mut dw1_64, &mut []));
+            black_box(reference::dense_backward(
+                &p64.w_m1,
+                &a.y_m2,
+                &bp.dv_m1,
+                &mut dw1_64,
+                &mut [],
+            ));
         }),
         time(|| {
-            kernels::gemm_nn(100, 2000, b, &dv1, 1, 100, &y2b, 2000, &mut dw1, 2000, false);
-            kernels::gemm_nn(b, 2000, 100, &dv1, 100, 1, &p.w_m1, 2000, &mut dy2, 2000, false);
+            kernels::gemm_nn(
+                100, 2000, b, &dv1, 1, 100, &y2b, 2000, &mut dw1, 2000, false,
+            );
+            kernels::gemm_nn(
+                b, 2000, 100, &dv1, 100, 1, &p.w_m1, 2000, &mut dy2, 2000, false,
+            );
         }) / b as f64,
     );
 
@@ -128,17 +156,35 @@ fn main() {
         black_box(reference::backward(&cfg, &p64, &a));
     });
     println!("\nwhole training step, per image, µs (reference: {ref_step:.1})");
-    let threads_all = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads_all = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     for batch in [1, 64, 256] {
         for threads in [1, threads_all] {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("pool");
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("pool");
             let idx: Vec<usize> = (0..batch).collect();
             let mut ws = Workspace::new(&cfg, batch);
             let mut g = Grads::<f32>::zeros(&cfg);
-            let t = pool.install(|| time(|| {
-                fast::forward_backward(&cfg, &p, &data.images, &data.labels, &idx, &mut ws, &mut g);
-            })) / batch as f64;
-            println!("  fast, batch {batch:>3}, {threads} thread(s): {t:>8.2}   ({:.0}× the reference)", ref_step / t);
+            let t = pool.install(|| {
+                time(|| {
+                    fast::forward_backward(
+                        &cfg,
+                        &p,
+                        &data.images,
+                        &data.labels,
+                        &idx,
+                        &mut ws,
+                        &mut g,
+                    );
+                })
+            }) / batch as f64;
+            println!(
+                "  fast, batch {batch:>3}, {threads} thread(s): {t:>8.2}   ({:.0}× the reference)",
+                ref_step / t
+            );
         }
     }
 }

@@ -82,7 +82,13 @@ pub fn peak_rss_mb() -> Option<f64> {
 /// Runs the benchmark: `images` training images drawn cyclically from `data`, `runs` timed
 /// epochs of the default recipe's optimiser with `batch`, then batched inference, one-image
 /// latency and the machine's GEMM and FMA ceilings.
-pub fn run(data: &Dataset, images: usize, batch: usize, runs: usize, threads: usize) -> crate::Result<BenchReport> {
+pub fn run(
+    data: &Dataset,
+    images: usize,
+    batch: usize,
+    runs: usize,
+    threads: usize,
+) -> crate::Result<BenchReport> {
     let cfg = NetConfig::default();
     data.check_fits(cfg.img, cfg.classes, "bench data")?;
     let pool = train::thread_pool(threads)?;
@@ -96,8 +102,18 @@ pub fn run(data: &Dataset, images: usize, batch: usize, runs: usize, threads: us
         imgs.extend_from_slice(data.image(j));
         labels.push(data.labels[j]);
     }
-    let set = Dataset { images: imgs, labels, rows: cfg.img, cols: cfg.img };
-    let tc = TrainConfig { batch, threads, epochs: 1, ..TrainConfig::default_recipe() };
+    let set = Dataset {
+        images: imgs,
+        labels,
+        rows: cfg.img,
+        cols: cfg.img,
+    };
+    let tc = TrainConfig {
+        batch,
+        threads,
+        epochs: 1,
+        ..TrainConfig::default_recipe()
+    };
 
     // Training: whole epochs through the same loop `train` uses.
     let mut params = Params::init(&cfg, Init::He, 1);
@@ -167,7 +183,19 @@ fn gemm_gflops(runs: usize) -> f64 {
     for _ in 0..runs.max(3) {
         let t0 = Instant::now();
         c.par_chunks_mut(64 * n).enumerate().for_each(|(i, rows)| {
-            kernels::gemm_nn(rows.len() / n, n, n, &a[i * 64 * n..], n, 1, &b, n, rows, n, false);
+            kernels::gemm_nn(
+                rows.len() / n,
+                n,
+                n,
+                &a[i * 64 * n..],
+                n,
+                1,
+                &b,
+                n,
+                rows,
+                n,
+                false,
+            );
         });
         t.push(2.0 * (n * n * n) as f64 / t0.elapsed().as_secs_f64() / 1e9);
     }
@@ -179,6 +207,9 @@ fn fma_peak(threads: usize) -> f64 {
     use rayon::prelude::*;
     let iters = 20_000_000;
     let t0 = Instant::now();
-    let flops: f64 = (0..threads).into_par_iter().map(|_| kernels::fma_loop(iters)).sum();
+    let flops: f64 = (0..threads)
+        .into_par_iter()
+        .map(|_| kernels::fma_loop(iters))
+        .sum();
     flops / t0.elapsed().as_secs_f64() / 1e9
 }

@@ -50,6 +50,8 @@ struct ChunkBuf {
     dk: Vec<f32>,
     /// (N) this chunk's conv-bias gradient
     dbk: Vec<f32>,
+    /// (m, F) max-pool arg-max (index into the chunk's z), empty for mean pooling
+    argmax: Vec<u32>,
 }
 
 impl ChunkBuf {
@@ -59,6 +61,14 @@ impl ChunkBuf {
             dz: vec![0.0; CHUNK * cfg.n_kernels * w.wq()],
             dk: vec![0.0; cfg.n_kernels * cfg.ksize * cfg.ksize],
             dbk: vec![0.0; if cfg.bias { cfg.n_kernels } else { 0 }],
+            argmax: vec![
+                0;
+                if cfg.pooling == Pooling::Max {
+                    CHUNK * cfg.flat()
+                } else {
+                    0
+                }
+            ],
         }
     }
 }
@@ -80,8 +90,6 @@ pub struct Workspace {
     xf: Vec<f32>,
     /// (B, N, WQ) conv maps y_m3 in the wide layout
     z: Vec<f32>,
-    /// (B, F) max-pool arg-max (index into the chunk's z), empty for mean pooling
-    argmax: Vec<u32>,
     /// (B, F) y⁽⁻²⁾
     y2: Vec<f32>,
     /// (F, H) w_m1ᵀ, refreshed from the parameters at each batched call
@@ -112,14 +120,6 @@ impl Workspace {
             chunks: (0..b.div_ceil(CHUNK)).map(|_| ChunkBuf::new(cfg)).collect(),
             xf: vec![0.0; b * wide(cfg).slot()],
             z: vec![0.0; b * maps],
-            argmax: vec![
-                0;
-                if cfg.pooling == Pooling::Max {
-                    b * f
-                } else {
-                    0
-                }
-            ],
             y2: vec![0.0; b * f],
             w1t: vec![0.0; f * h],
             y1: vec![0.0; b * h],
@@ -230,24 +230,18 @@ pub fn forward_backward(
     let nch = b.div_ceil(CHUNK);
     let w = wide(cfg);
     let (maps, xs) = (cfg.n_kernels * w.wq(), w.slot());
-    let (xf, z, argmax, dy2) = (&ws.xf, &ws.z, &ws.argmax, &ws.dy2);
+    let (xf, z, dy2) = (&ws.xf, &ws.z, &ws.dy2);
     ws.chunks[..nch]
         .par_iter_mut()
         .enumerate()
         .for_each(|(ci, cb)| {
             let e0 = ci * CHUNK;
             let m = CHUNK.min(b - e0);
-            let am = if argmax.is_empty() {
-                &argmax[..]
-            } else {
-                &argmax[e0 * f..(e0 + m) * f]
-            };
             backward_chunk(
                 cfg,
                 m,
                 &xf[e0 * xs..(e0 + m) * xs],
                 &z[e0 * maps..(e0 + m) * maps],
-                am,
                 &dy2[e0 * f..(e0 + m) * f],
                 cb,
             );
@@ -323,14 +317,7 @@ fn forward(
     // 1. conv, activation, pooling, per chunk.
     let xf = &ws.xf;
     let one = b == 1;
-    type ConvPart<'a> = (
-        usize,
-        (
-            &'a mut ChunkBuf,
-            (&'a mut [f32], (&'a mut [f32], &'a mut [u32])),
-        ),
-    );
-    let conv_part = |(ci, (_cb, (z, (y2, am)))): ConvPart| {
+    let conv_part = |(ci, (cb, (z, y2))): (usize, (&mut ChunkBuf, (&mut [f32], &mut [f32])))| {
         let m = CHUNK.min(b - ci * CHUNK);
         conv_forward_chunk(
             cfg,
@@ -339,39 +326,18 @@ fn forward(
             &xf[ci * CHUNK * xs..(ci * CHUNK + m) * xs],
             z,
             y2,
-            am,
+            &mut cb.argmax,
         );
     };
-    let am_len = if ws.argmax.is_empty() { 0 } else { b * f };
-    let am_step = if ws.argmax.is_empty() { 1 } else { CHUNK * f };
     if one {
-        let am = if am_len == 0 {
-            &mut ws.argmax[..0]
-        } else {
-            &mut ws.argmax[..f]
-        };
-        conv_part((
-            0,
-            (
-                &mut ws.chunks[0],
-                (&mut ws.z[..maps], (&mut ws.y2[..f], am)),
-            ),
-        ));
+        conv_part((0, (&mut ws.chunks[0], (&mut ws.z[..maps], &mut ws.y2[..f]))));
     } else {
-        let mut am_parts: Vec<&mut [u32]> = Vec::new();
-        if am_len == 0 {
-            am_parts.resize_with(nch, || &mut []);
-        } else {
-            am_parts.extend(ws.argmax[..am_len].chunks_mut(am_step));
-        }
         ws.chunks[..nch]
             .par_iter_mut()
             .zip(
-                ws.z[..b * maps].par_chunks_mut(CHUNK * maps).zip(
-                    ws.y2[..b * f]
-                        .par_chunks_mut(CHUNK * f)
-                        .zip(am_parts.into_par_iter()),
-                ),
+                ws.z[..b * maps]
+                    .par_chunks_mut(CHUNK * maps)
+                    .zip(ws.y2[..b * f].par_chunks_mut(CHUNK * f)),
             )
             .enumerate()
             .for_each(conv_part);
@@ -429,17 +395,20 @@ fn forward(
 /// `out (cols, rows) = aᵀ` for a row-major `a` (rows, cols), in parallel blocks of output rows.
 fn transpose(a: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
     const T: usize = 32;
-    out[..rows * cols].par_chunks_mut(T * rows).enumerate().for_each(|(jb, o)| {
-        let j0 = jb * T;
-        let nj = o.len() / rows;
-        for i0 in (0..rows).step_by(T) {
-            for i in i0..(i0 + T).min(rows) {
-                for j in 0..nj {
-                    o[j * rows + i] = a[i * cols + j0 + j];
+    out[..rows * cols]
+        .par_chunks_mut(T * rows)
+        .enumerate()
+        .for_each(|(jb, o)| {
+            let j0 = jb * T;
+            let nj = o.len() / rows;
+            for i0 in (0..rows).step_by(T) {
+                for i in i0..(i0 + T).min(rows) {
+                    for j in 0..nj {
+                        o[j * rows + i] = a[i * cols + j0 + j];
+                    }
                 }
             }
-        }
-    });
+        });
 }
 
 /// Conv + activation + pooling for one chunk of `m` images (`xf`: their slots).
@@ -529,13 +498,12 @@ fn backward_chunk(
     m: usize,
     xf: &[f32],
     z: &[f32],
-    am: &[u32],
     dy2: &[f32],
     cb: &mut ChunkBuf,
 ) {
     let w = wide(cfg);
     let (nk, wq) = (cfg.n_kernels, w.wq());
-    pool_backward(cfg, m, dy2, am, z, &mut cb.dz);
+    pool_backward(cfg, m, dy2, &cb.argmax, z, &mut cb.dz);
     conv_wide_dk(w, &cb.dz, nk, xf, m, &mut cb.dk);
     for (n, b) in cb.dbk.iter_mut().enumerate() {
         // Summed in f64: m·conv² terms (thousands), too many for a plain f32 sum. Junk is 0.

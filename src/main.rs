@@ -444,10 +444,20 @@ fn cmd_train(a: TrainArgs) -> anyhow::Result<ExitCode> {
 
 fn split_data(data: &Option<PathBuf>, split: SplitArg) -> anyhow::Result<(Dataset, String)> {
     Ok(match (data, split) {
-        (None, SplitArg::Test) => (mnist::embedded::test(), "embedded sample, test split".to_string()),
-        (None, SplitArg::Train) => (mnist::embedded::train(), "embedded sample, train split".to_string()),
+        (None, SplitArg::Test) => (
+            mnist::embedded::test(),
+            "embedded sample, test split".to_string(),
+        ),
+        (None, SplitArg::Train) => (
+            mnist::embedded::train(),
+            "embedded sample, train split".to_string(),
+        ),
         (Some(d), s) => {
-            let split = if s == SplitArg::Test { Split::Test } else { Split::Train };
+            let split = if s == SplitArg::Test {
+                Split::Test
+            } else {
+                Split::Train
+            };
             (mnist::load_split(d, split)?, d.display().to_string())
         }
     })
@@ -460,7 +470,11 @@ fn cmd_predict(a: PredictArgs) -> anyhow::Result<ExitCode> {
     let p64 = model.params.map(f64::from);
     for &i in &a.index {
         if i >= data.len() {
-            bail!("--index {i}: {source} has {} images (0..{})", data.len(), data.len());
+            bail!(
+                "--index {i}: {source} has {} images (0..{})",
+                data.len(),
+                data.len()
+            );
         }
         let label = usize::from(data.labels[i]);
         // The f64 reference path: the logits exactly as the formulas give them.
@@ -475,7 +489,11 @@ fn cmd_predict(a: PredictArgs) -> anyhow::Result<ExitCode> {
                        "probabilities": act.y, "logits": act.v})
             );
         } else {
-            let top: Vec<String> = order.iter().take(3).map(|&c| format!("{c} ({})", pct(act.y[c]))).collect();
+            let top: Vec<String> = order
+                .iter()
+                .take(3)
+                .map(|&c| format!("{c} ({})", pct(act.y[c])))
+                .collect();
             println!("image {i} (label {label}): {}", top.join("  "));
         }
     }
@@ -614,12 +632,32 @@ fn cmd_bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string(&r)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("mnistconv bench: {} threads, {} kernels, medians of {} runs", r.threads, r.kernels, r.runs);
-    println!("  training, batch {:>4}:  {:.3} s per {}-image epoch, {:.0} images/s, {:.1} GFLOP/s", r.batch, r.train_epoch_seconds, r.images, r.train_images_per_second, r.train_gflops);
-    println!("  inference, batched:    {:.0} images/s", r.infer_images_per_second);
-    println!("  inference, one image:  {:.1} µs (one thread)", r.latency_us);
-    println!("  f32 GEMM 1024³:        {:.1} GFLOP/s  (training reaches {:.0}% of it)", r.gemm_gflops, 100.0 * r.fraction_of_gemm);
-    println!("  FMA peak:              {:.1} GFLOP/s  (training reaches {:.0}% of it)", r.fma_peak_gflops, 100.0 * r.fraction_of_peak);
+    println!(
+        "mnistconv bench: {} threads, {} kernels, medians of {} runs",
+        r.threads, r.kernels, r.runs
+    );
+    println!(
+        "  training, batch {:>4}:  {:.3} s per {}-image epoch, {:.0} images/s, {:.1} GFLOP/s",
+        r.batch, r.train_epoch_seconds, r.images, r.train_images_per_second, r.train_gflops
+    );
+    println!(
+        "  inference, batched:    {:.0} images/s",
+        r.infer_images_per_second
+    );
+    println!(
+        "  inference, one image:  {:.1} µs (one thread)",
+        r.latency_us
+    );
+    println!(
+        "  f32 GEMM 1024³:        {:.1} GFLOP/s  (training reaches {:.0}% of it)",
+        r.gemm_gflops,
+        100.0 * r.fraction_of_gemm
+    );
+    println!(
+        "  FMA peak:              {:.1} GFLOP/s  (training reaches {:.0}% of it)",
+        r.fma_peak_gflops,
+        100.0 * r.fraction_of_peak
+    );
     if let Some(m) = r.peak_rss_mb {
         println!("  peak RSS:              {m:.0} MB");
     }

@@ -249,16 +249,41 @@ fn reads_both_file_name_styles_plain_and_gzip() {
         e.write_all(&bytes).unwrap();
         e.finish().unwrap()
     };
-    std::fs::write(d.join("train-images.idx3-ubyte.gz"), gz(mnistconv::mnist::write_images(50, 28, 28, &px))).unwrap();
-    std::fs::write(d.join("train-labels.idx1-ubyte.gz"), gz(mnistconv::mnist::write_labels(&labels))).unwrap();
-    std::fs::write(d.join("t10k-images-idx3-ubyte"), mnistconv::mnist::write_images(50, 28, 28, &px)).unwrap();
-    std::fs::write(d.join("t10k-labels-idx1-ubyte"), mnistconv::mnist::write_labels(&labels)).unwrap();
+    std::fs::write(
+        d.join("train-images.idx3-ubyte.gz"),
+        gz(mnistconv::mnist::write_images(50, 28, 28, &px)),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("train-labels.idx1-ubyte.gz"),
+        gz(mnistconv::mnist::write_labels(&labels)),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("t10k-images-idx3-ubyte"),
+        mnistconv::mnist::write_images(50, 28, 28, &px),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("t10k-labels-idx1-ubyte"),
+        mnistconv::mnist::write_labels(&labels),
+    )
+    .unwrap();
     let train = mnistconv::mnist::load_split(&d, mnistconv::mnist::Split::Train).unwrap();
     let test = mnistconv::mnist::load_split(&d, mnistconv::mnist::Split::Test).unwrap();
     assert_eq!(train, test);
     assert_eq!(train.images, px);
     // A label file whose count differs from the images' is named in the error.
-    std::fs::write(d.join("t10k-labels-idx1-ubyte"), mnistconv::mnist::write_labels(&labels[..49])).unwrap();
-    let e = mnistconv::mnist::load_split(&d, mnistconv::mnist::Split::Test).unwrap_err().to_string();
-    assert!(e.contains("t10k-labels-idx1-ubyte") && e.contains("49 labels"), "{e}");
+    std::fs::write(
+        d.join("t10k-labels-idx1-ubyte"),
+        mnistconv::mnist::write_labels(&labels[..49]),
+    )
+    .unwrap();
+    let e = mnistconv::mnist::load_split(&d, mnistconv::mnist::Split::Test)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("t10k-labels-idx1-ubyte") && e.contains("49 labels"),
+        "{e}"
+    );
 }
