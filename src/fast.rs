@@ -304,49 +304,39 @@ fn forward(
     let (maps, xs) = (cfg.n_kernels * w.wq(), w.slot());
     let nch = b.div_ceil(CHUNK);
 
-    // The batch is formed here: u8 → [0, 1], one zero-padded slot per image.
-    ws.xf[..b * xs]
-        .par_chunks_mut(CHUNK * xs)
-        .zip(idx.par_chunks(CHUNK))
-        .for_each(|(xf, ids)| {
-            for (dst, &id) in xf.chunks_exact_mut(xs).zip(ids) {
-                pixels_to_f32(&images[id * px..(id + 1) * px], &mut dst[..px]);
-            }
-        });
-
-    // 1. conv, activation, pooling, per chunk.
-    let xf = &ws.xf;
+    // 1. per chunk: the batch is formed (u8 → [0, 1], one zero-padded slot per image), then conv,
+    // activation, pooling. w_m1ᵀ for step 2 is made meanwhile.
     let one = b == 1;
-    let conv_part = |(ci, (cb, (z, y2))): (usize, (&mut ChunkBuf, (&mut [f32], &mut [f32])))| {
-        let m = CHUNK.min(b - ci * CHUNK);
-        conv_forward_chunk(
-            cfg,
-            p,
-            m,
-            &xf[ci * CHUNK * xs..(ci * CHUNK + m) * xs],
-            z,
-            y2,
-            &mut cb.argmax,
-        );
+    let conv_part = |(ci, (cb, (xf, (z, y2)))): (usize, (&mut ChunkBuf, (&mut [f32], (&mut [f32], &mut [f32]))))| {
+        let ids = &idx[ci * CHUNK..(ci * CHUNK + CHUNK).min(b)];
+        for (dst, &id) in xf.chunks_exact_mut(xs).zip(ids) {
+            pixels_to_f32(&images[id * px..(id + 1) * px], &mut dst[..px]);
+        }
+        conv_forward_chunk(cfg, p, ids.len(), xf, z, y2, &mut cb.argmax);
     };
     if one {
-        conv_part((0, (&mut ws.chunks[0], (&mut ws.z[..maps], &mut ws.y2[..f]))));
+        conv_part((0, (&mut ws.chunks[0], (&mut ws.xf[..xs], (&mut ws.z[..maps], &mut ws.y2[..f])))));
     } else {
-        ws.chunks[..nch]
-            .par_iter_mut()
-            .zip(
-                ws.z[..b * maps]
-                    .par_chunks_mut(CHUNK * maps)
-                    .zip(ws.y2[..b * f].par_chunks_mut(CHUNK * f)),
-            )
-            .enumerate()
-            .for_each(conv_part);
+        let (chunks, xf, z, y2, w1t) = (&mut ws.chunks, &mut ws.xf, &mut ws.z, &mut ws.y2, &mut ws.w1t);
+        rayon::join(
+            || {
+                chunks[..nch]
+                    .par_iter_mut()
+                    .zip(
+                        xf[..b * xs].par_chunks_mut(CHUNK * xs).zip(
+                            z[..b * maps]
+                                .par_chunks_mut(CHUNK * maps)
+                                .zip(y2[..b * f].par_chunks_mut(CHUNK * f)),
+                        ),
+                    )
+                    .enumerate()
+                    .for_each(conv_part)
+            },
+            || transpose(&p.w_m1, h, f, w1t),
+        );
     }
 
     // 2. dense layers, output, scores and the output-side backward, per row block.
-    if !one {
-        transpose(&p.w_m1, h, f, &mut ws.w1t);
-    }
     let (y2, w1t) = (&ws.y2, &ws.w1t);
     let scale = 1.0 / b as f32;
     let nrb = b.div_ceil(ROWS);

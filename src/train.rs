@@ -10,6 +10,7 @@ use crate::fast::{self, Workspace};
 use crate::mnist::Dataset;
 use crate::params::{Grads, Init, Params};
 use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
 use rand_pcg::Pcg64;
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
@@ -234,6 +235,7 @@ pub fn train(
         let mut order: Vec<usize> = (0..n).collect();
         let mut bimg = vec![0u8; batch * px];
         let mut blab = vec![0u8; batch];
+        let mut shifts = vec![(0isize, 0isize); batch];
         let bidx: Vec<usize> = (0..batch).collect();
         let mut history = Vec::new();
         let mut eval_ws = Workspace::new(cfg, EVAL_BATCH);
@@ -257,20 +259,26 @@ pub fn train(
             let mut lr = tc.lr;
             for (s, ids) in order.chunks(batch).enumerate() {
                 let b = ids.len();
-                // Form the batch: u8 images, shifted if augmenting.
+                // Form the batch: u8 images, shifted if augmenting. The shifts are drawn in
+                // order from the epoch's generator, then applied in parallel.
                 for (e, &id) in ids.iter().enumerate() {
-                    let src = &train.images[id * px..(id + 1) * px];
-                    let dst = &mut bimg[e * px..(e + 1) * px];
                     if tc.shift > 0 {
                         let r = tc.shift as i32;
-                        let dy = rng.random_range(-r..=r) as isize;
-                        let dx = rng.random_range(-r..=r) as isize;
-                        shift_image(src, dst, cfg.img, dy, dx);
-                    } else {
-                        dst.copy_from_slice(src);
+                        shifts[e] = (rng.random_range(-r..=r) as isize, rng.random_range(-r..=r) as isize);
                     }
                     blab[e] = train.labels[id];
                 }
+                bimg[..b * px]
+                    .par_chunks_mut(px)
+                    .zip(ids.par_iter().zip(shifts.par_iter()))
+                    .for_each(|(dst, (&id, &(dy, dx)))| {
+                        let src = &train.images[id * px..(id + 1) * px];
+                        if tc.shift > 0 {
+                            shift_image(src, dst, cfg.img, dy, dx);
+                        } else {
+                            dst.copy_from_slice(src);
+                        }
+                    });
                 let st = fast::forward_backward(
                     cfg,
                     params,
@@ -327,18 +335,28 @@ pub fn sgd_step(
     beta: f32,
     wd: f32,
 ) {
-    for (((name, w), (_, gt)), (_, mt)) in p
-        .tensors_mut()
-        .into_iter()
-        .zip(g.tensors())
-        .zip(m.tensors_mut())
-    {
-        let decay = if name.ends_with("weight") { wd } else { 0.0 };
-        for ((w, &g), m) in w.iter_mut().zip(gt).zip(mt.iter_mut()) {
-            *m = lr * (g + decay * *w) + beta * *m;
-            *w -= *m;
-        }
-    }
+    // One parallel pass over blocks of every tensor; element-wise, so the split changes nothing.
+    let Params { k, bk, w_m1, b_m1, w, b } = p;
+    let Params { k: mk, bk: mbk, w_m1: mw1, b_m1: mb1, w: mw, b: mb } = m;
+    let work = [
+        (k, &g.k, mk, wd),
+        (bk, &g.bk, mbk, 0.0),
+        (w_m1, &g.w_m1, mw1, wd),
+        (b_m1, &g.b_m1, mb1, 0.0),
+        (w, &g.w, mw, wd),
+        (b, &g.b, mb, 0.0),
+    ];
+    work.into_par_iter().for_each(|(w, gt, mt, decay)| {
+        w.par_chunks_mut(16384)
+            .zip(gt.par_chunks(16384))
+            .zip(mt.par_chunks_mut(16384))
+            .for_each(|((w, gt), mt)| {
+                for ((w, &g), m) in w.iter_mut().zip(gt).zip(mt.iter_mut()) {
+                    *m = lr * (g + decay * *w) + beta * *m;
+                    *w -= *m;
+                }
+            });
+    });
 }
 
 fn first_non_finite(p: &Params<f32>) -> Option<&'static str> {
