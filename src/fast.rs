@@ -1,32 +1,34 @@
 //! The batched f32 path used for training and inference.
 //!
-//! Same formulas as [`crate::reference`], laid out for throughput on the products of
-//! [`crate::kernels`]. Shapes for a batch of `B` images (`P = conv²` positions, `KK = ks²` taps,
-//! `N` kernels, `F = flat`, `H = hidden`, `C = classes`). The conv layer uses the "wide" layout of
+//! Same formulas as [`crate::reference`], laid out for throughput on the kernels of
+//! [`crate::kernels`]. Shapes for a batch of `B` images (`KK = ks²` taps, `N` kernels,
+//! `F = flat`, `H = hidden`, `C = classes`). The conv layer uses the "wide" layout of
 //! [`crate::kernels::Wide`]: map position `(r, c)` at `r·img + c`, `WQ` positions per map (560 by
 //! default, 400 of them valid), so that each tap reads one contiguous run of the image and no
-//! im2col copy is made. It works on chunks of `m ≤ CHUNK` images:
-//! ```text
-//! 1. per chunk:   z    (m, N, WQ) = x ⋆ k (+ bk), in place y_m3 = act(z)        conv_wide
-//!                 y2   (m, F)   = pool(y_m3), flattened (n, r, c)              y⁽⁻²⁾
-//! 2. row blocks:  y1   (B, H)   = φ(y2 · w_m1ᵀ (+ b_m1))                       gemm_nn on w_m1ᵀ
-//!                 p    (B, C)   = softmax(y1 · wᵀ (+ b))                       gemm_nt
-//!                 dv   (B, C)   = (p − d) / B                                  ∂L/∂v (eq. 1)
-//!                 dv1  (B, H)   = (dv · w) ⊙ φ'(y1)                            gemm_nn
-//! 3. in parallel: dw_m1 (H, F)  = dv1ᵀ · y2, rows split                        gemm_nn (eq. 3)
-//!                 dy2  (B, F)   = dv1 · w_m1, rows split                       gemm_nn (eq. 4)
-//!                 dw   (C, H)   = dvᵀ · y1                                     gemm_nn (eq. 2)
-//! 4. per chunk:   dz   (m, N, WQ) = repool(dy2) ⊙ act'(y_m3), 0 at junk       (eq. 5)
-//!                 dk_chunk (N, KK) = Σ_e x_e ⋆ dz_e                            conv_wide_dk (eq. 6)
-//!    then dk = Σ dk_chunk in chunk order.
-//! ```
-//! For one image (latency), step 2 uses dot products against `w_m1` directly instead of its
-//! transpose.
+//! im2col copy is made.
 //!
-//! Determinism: chunk and row-block boundaries depend only on the batch size, every output element
-//! of a product is computed by one fixed sequence of operations whichever thread runs it, and the
-//! only cross-chunk sums (`dk`, `dbk`) are taken in chunk order. So a result is bit-for-bit the
-//! same for any number of threads on a given machine.
+//! Everything an image needs except the weight gradients of the dense layers is local to that
+//! image, so the batch is cut into chunks of `m ≤ CHUNK` images and each chunk goes all the way
+//! forward and back to its kernel gradient while its maps are still in the core's cache:
+//! ```text
+//! A. per chunk:  x     (m, slot)     u8 → [0, 1]
+//!                z     (m, N, WQ)    = x ⋆ k (+ bk), in place y_m3 = act(z)    conv_wide
+//!                y2    (m, F)        = pool(y_m3), flattened (n, r, c)         y⁽⁻²⁾
+//!                y1    (m, H)        = φ(y2 · w_m1ᵀ (+ b_m1))                  gemm_nt
+//!                p     (m, C)        = softmax(y1 · wᵀ (+ b))                  gemm_nt
+//!  training:     dv    (m, C)        = (p − d) / B                             ∂L/∂v (eq. 1)
+//!                dv1   (m, H)        = (dv · w) ⊙ φ'(y1)                       gemm_nn
+//!                dy2   (m, F)        = dv1 · w_m1                              gemm_nn (eq. 4)
+//!                dz    (m, N, WQ)    = repool(dy2) ⊙ act'(y_m3), 0 at junk     (eq. 5)
+//!                dk_c  (N, KK)       = Σ_e x_e ⋆ dz_e                          conv_wide_dk (eq. 6)
+//! B. whole batch: dw_m1 (H, F)       = dv1ᵀ · y2, rows split over threads      gemm_nn (eq. 3)
+//!                dw    (C, H)        = dvᵀ · y1                                gemm_nn (eq. 2)
+//!                dk                  = Σ_c dk_c in chunk order
+//! ```
+//! Determinism: chunk boundaries depend only on the batch size, every output element of a
+//! product is computed by one fixed sequence of operations whichever thread runs it, and the only
+//! cross-chunk sums (`dk`, `dbk`, biases, loss) are taken in chunk order. So a result is
+//! bit-for-bit the same for any number of threads on a given machine.
 
 use crate::config::{Activation, NetConfig, Pooling};
 use crate::kernels::{
@@ -35,32 +37,36 @@ use crate::kernels::{
 };
 use crate::params::{Grads, Params};
 use rayon::prelude::*;
+use std::sync::Mutex;
 
-/// Images per conv chunk: the unit of parallel conv work and of the fixed `dk` reduction order.
+/// Images per chunk: the unit of parallel work and of the fixed `dk` reduction order.
 pub const CHUNK: usize = 4;
-/// Images per row block of the dense layers.
-const ROWS: usize = 12;
 
-/// Scratch for one conv chunk, reused.
+/// Scratch for one chunk in flight (one per worker thread); its contents never outlive the chunk,
+/// so which thread's scratch a chunk uses cannot change a result.
 #[derive(Clone, Debug)]
-struct ChunkBuf {
+struct Scratch {
+    /// (m, slot) pixels / 255, zero-padded slots
+    xf: Vec<f32>,
+    /// (m, N, WQ) conv maps y_m3
+    z: Vec<f32>,
     /// (m, N, WQ) ∂L/∂conv_pre, zero at the junk positions
     dz: Vec<f32>,
-    /// (N, KK) this chunk's kernel gradient
-    dk: Vec<f32>,
-    /// (N) this chunk's conv-bias gradient
-    dbk: Vec<f32>,
-    /// (m, F) max-pool arg-max (index into the chunk's z), empty for mean pooling
+    /// (m, F) ∂L/∂y⁽⁻²⁾ / B
+    dy2: Vec<f32>,
+    /// (m, F) max-pool arg-max (index into z), empty for mean pooling
     argmax: Vec<u32>,
 }
 
-impl ChunkBuf {
+impl Scratch {
     fn new(cfg: &NetConfig) -> Self {
         let w = wide(cfg);
-        ChunkBuf {
-            dz: vec![0.0; CHUNK * cfg.n_kernels * w.wq()],
-            dk: vec![0.0; cfg.n_kernels * cfg.ksize * cfg.ksize],
-            dbk: vec![0.0; if cfg.bias { cfg.n_kernels } else { 0 }],
+        let maps = CHUNK * cfg.n_kernels * w.wq();
+        Scratch {
+            xf: vec![0.0; CHUNK * w.slot()],
+            z: vec![0.0; maps],
+            dz: vec![0.0; maps],
+            dy2: vec![0.0; CHUNK * cfg.flat()],
             argmax: vec![
                 0;
                 if cfg.pooling == Pooling::Max {
@@ -73,6 +79,17 @@ impl ChunkBuf {
     }
 }
 
+/// What a chunk leaves behind for the batch.
+#[derive(Clone, Debug)]
+struct ChunkOut {
+    /// (N, KK) the chunk's kernel gradient
+    dk: Vec<f32>,
+    /// (N) the chunk's conv-bias gradient
+    dbk: Vec<f32>,
+    loss: f64,
+    correct: usize,
+}
+
 fn wide(cfg: &NetConfig) -> Wide {
     Wide {
         img: cfg.img,
@@ -80,20 +97,16 @@ fn wide(cfg: &NetConfig) -> Wide {
     }
 }
 
-/// Reusable buffers for batched passes of up to `max_batch` images; nothing is allocated per batch.
-#[derive(Clone, Debug)]
+/// Reusable buffers for batched passes of up to `max_batch` images; nothing is allocated per
+/// batch once the workspace has seen the thread pool it runs in.
+#[derive(Debug)]
 pub struct Workspace {
     cfg: NetConfig,
     max_batch: usize,
-    chunks: Vec<ChunkBuf>,
-    /// (B, slot) pixels / 255, each image in a zero-padded slot of `Wide::slot` floats
-    xf: Vec<f32>,
-    /// (B, N, WQ) conv maps y_m3 in the wide layout
-    z: Vec<f32>,
+    scratch: Vec<Mutex<Scratch>>,
+    outs: Vec<ChunkOut>,
     /// (B, F) y⁽⁻²⁾
     y2: Vec<f32>,
-    /// (F, H) w_m1ᵀ, refreshed from the parameters at each batched call
-    w1t: Vec<f32>,
     /// (B, H) y⁽⁻¹⁾
     y1: Vec<f32>,
     /// (B, C) probabilities y
@@ -102,10 +115,6 @@ pub struct Workspace {
     dv: Vec<f32>,
     /// (B, H) ∂L/∂v⁽⁻¹⁾ / B
     dv1: Vec<f32>,
-    /// (B, F) ∂L/∂y⁽⁻²⁾ / B
-    dy2: Vec<f32>,
-    /// per row block: (loss sum, correct)
-    scores: Vec<(f64, usize)>,
 }
 
 impl Workspace {
@@ -113,21 +122,23 @@ impl Workspace {
     pub fn new(cfg: &NetConfig, max_batch: usize) -> Self {
         let b = max_batch.max(1);
         let (f, h, c) = (cfg.flat(), cfg.hidden, cfg.classes);
-        let maps = cfg.n_kernels * wide(cfg).wq();
+        let kk = cfg.ksize * cfg.ksize;
+        let out = ChunkOut {
+            dk: vec![0.0; cfg.n_kernels * kk],
+            dbk: vec![0.0; if cfg.bias { cfg.n_kernels } else { 0 }],
+            loss: 0.0,
+            correct: 0,
+        };
         Workspace {
             cfg: *cfg,
             max_batch: b,
-            chunks: (0..b.div_ceil(CHUNK)).map(|_| ChunkBuf::new(cfg)).collect(),
-            xf: vec![0.0; b * wide(cfg).slot()],
-            z: vec![0.0; b * maps],
+            scratch: Vec::new(),
+            outs: vec![out; b.div_ceil(CHUNK)],
             y2: vec![0.0; b * f],
-            w1t: vec![0.0; f * h],
             y1: vec![0.0; b * h],
             p: vec![0.0; b * c],
             dv: vec![0.0; b * c],
             dv1: vec![0.0; b * h],
-            dy2: vec![0.0; b * f],
-            scores: vec![(0.0, 0); b.div_ceil(ROWS)],
         }
     }
     /// Probabilities `y` of the last forward pass for batch image `i`.
@@ -168,7 +179,7 @@ pub fn forward_backward(
     if b == 0 {
         return BatchStats::default();
     }
-    forward(cfg, p, images, Some(labels), idx, ws, true);
+    let stats = run_chunks(cfg, p, images, Some(labels), idx, ws, true);
     let (f, h, c) = (cfg.flat(), cfg.hidden, cfg.classes);
     let (y2, y1, dv, dv1) = (
         &ws.y2[..b * f],
@@ -184,18 +195,16 @@ pub fn forward_backward(
         w: gw,
         b: gb,
     } = grads;
-
-    // 3. dense weight gradients and ∂L/∂y⁽⁻²⁾, all row-split, in parallel.
-    let dy2 = &mut ws.dy2[..b * f];
+    // B. dense weight gradients over the whole batch.
     rayon::join(
         || {
-            // dw_m1 (H, F) = dv1ᵀ · y2: 24 rows (a multiple of the kernel's 6-row tile) per task.
-            gw1.par_chunks_mut(24 * f).enumerate().for_each(|(t, out)| {
+            // dw_m1 (H, F) = dv1ᵀ · y2: 12 rows (a multiple of the kernel's 6-row tile) per task.
+            gw1.par_chunks_mut(12 * f).enumerate().for_each(|(t, out)| {
                 gemm_nn(
                     out.len() / f,
                     f,
                     b,
-                    &dv1[t * 24..],
+                    &dv1[t * 12..],
                     1,
                     h,
                     y2,
@@ -207,59 +216,21 @@ pub fn forward_backward(
             });
         },
         || {
-            rayon::join(
-                || {
-                    // dy2 (B, F) = dv1 · w_m1
-                    dy2.par_chunks_mut(ROWS * f)
-                        .zip(dv1.par_chunks(ROWS * h))
-                        .for_each(|(out, d)| {
-                            gemm_nn(d.len() / h, f, h, d, h, 1, &p.w_m1, f, out, f, false);
-                        });
-                },
-                || {
-                    // dw (C, H) = dvᵀ · y1; biases: column sums of dv and dv1.
-                    gemm_nn(c, h, b, dv, 1, c, y1, h, gw, h, false);
-                    col_sums(dv, c, gb);
-                    col_sums(dv1, h, gb1);
-                },
-            )
+            // dw (C, H) = dvᵀ · y1; biases: column sums of dv and dv1.
+            gemm_nn(c, h, b, dv, 1, c, y1, h, gw, h, false);
+            col_sums(dv, c, gb);
+            col_sums(dv1, h, gb1);
         },
     );
-
-    // 4. back to the kernels, per chunk.
-    let nch = b.div_ceil(CHUNK);
-    let w = wide(cfg);
-    let (maps, xs) = (cfg.n_kernels * w.wq(), w.slot());
-    let (xf, z, dy2) = (&ws.xf, &ws.z, &ws.dy2);
-    ws.chunks[..nch]
-        .par_iter_mut()
-        .enumerate()
-        .for_each(|(ci, cb)| {
-            let e0 = ci * CHUNK;
-            let m = CHUNK.min(b - e0);
-            backward_chunk(
-                cfg,
-                m,
-                &xf[e0 * xs..(e0 + m) * xs],
-                &z[e0 * maps..(e0 + m) * maps],
-                &dy2[e0 * f..(e0 + m) * f],
-                cb,
-            );
-        });
     // dk = Σ_chunks dk_chunk, in chunk order.
-    let chunks = &ws.chunks[..nch];
-    gk.copy_from_slice(&chunks[0].dk);
-    gbk.copy_from_slice(&chunks[0].dbk);
-    for cb in &chunks[1..] {
-        gk.iter_mut().zip(&cb.dk).for_each(|(a, x)| *a += x);
-        gbk.iter_mut().zip(&cb.dbk).for_each(|(a, x)| *a += x);
+    let outs = &ws.outs[..b.div_ceil(CHUNK)];
+    gk.copy_from_slice(&outs[0].dk);
+    gbk.copy_from_slice(&outs[0].dbk);
+    for o in &outs[1..] {
+        gk.iter_mut().zip(&o.dk).for_each(|(a, x)| *a += x);
+        gbk.iter_mut().zip(&o.dbk).for_each(|(a, x)| *a += x);
     }
-    ws.scores[..b.div_ceil(ROWS)]
-        .iter()
-        .fold(BatchStats::default(), |s, &(l, k)| BatchStats {
-            loss_sum: s.loss_sum + l,
-            correct: s.correct + k,
-        })
+    stats
 }
 
 /// Forward only; probabilities are then in [`Workspace::probs`]. With `labels`, the stats count
@@ -272,21 +243,14 @@ pub fn forward_batch(
     idx: &[usize],
     ws: &mut Workspace,
 ) -> BatchStats {
-    let b = idx.len();
-    if b == 0 {
+    if idx.is_empty() {
         return BatchStats::default();
     }
-    forward(cfg, p, images, labels, idx, ws, false);
-    ws.scores[..b.div_ceil(ROWS)]
-        .iter()
-        .fold(BatchStats::default(), |s, &(l, k)| BatchStats {
-            loss_sum: s.loss_sum + l,
-            correct: s.correct + k,
-        })
+    run_chunks(cfg, p, images, labels, idx, ws, false)
 }
 
-/// Steps 1–2: the forward pass, scores, and (when `train`) `dv` and `dv1`.
-fn forward(
+/// Step A for every chunk of the batch, in parallel (one chunk runs on the calling thread).
+fn run_chunks(
     cfg: &NetConfig,
     p: &Params<f32>,
     images: &[u8],
@@ -294,128 +258,113 @@ fn forward(
     idx: &[usize],
     ws: &mut Workspace,
     train: bool,
-) {
+) -> BatchStats {
     let b = idx.len();
     assert!(b <= ws.max_batch, "batch {b} > workspace {}", ws.max_batch);
     assert_eq!(ws.cfg, *cfg, "workspace built for another configuration");
-    let (f, h, c) = (cfg.flat(), cfg.hidden, cfg.classes);
-    let px = cfg.pixels();
-    let w = wide(cfg);
-    let (maps, xs) = (cfg.n_kernels * w.wq(), w.slot());
-    let nch = b.div_ceil(CHUNK);
-
-    // 1. per chunk: the batch is formed (u8 → [0, 1], one zero-padded slot per image), then conv,
-    // activation, pooling. w_m1ᵀ for step 2 is made meanwhile.
-    let one = b == 1;
-    let conv_part = |(ci, (cb, (xf, (z, y2)))): (usize, (&mut ChunkBuf, (&mut [f32], (&mut [f32], &mut [f32]))))| {
-        let ids = &idx[ci * CHUNK..(ci * CHUNK + CHUNK).min(b)];
-        for (dst, &id) in xf.chunks_exact_mut(xs).zip(ids) {
-            pixels_to_f32(&images[id * px..(id + 1) * px], &mut dst[..px]);
-        }
-        conv_forward_chunk(cfg, p, ids.len(), xf, z, y2, &mut cb.argmax);
-    };
-    if one {
-        conv_part((0, (&mut ws.chunks[0], (&mut ws.xf[..xs], (&mut ws.z[..maps], &mut ws.y2[..f])))));
-    } else {
-        let (chunks, xf, z, y2, w1t) = (&mut ws.chunks, &mut ws.xf, &mut ws.z, &mut ws.y2, &mut ws.w1t);
-        rayon::join(
-            || {
-                chunks[..nch]
-                    .par_iter_mut()
-                    .zip(
-                        xf[..b * xs].par_chunks_mut(CHUNK * xs).zip(
-                            z[..b * maps]
-                                .par_chunks_mut(CHUNK * maps)
-                                .zip(y2[..b * f].par_chunks_mut(CHUNK * f)),
-                        ),
-                    )
-                    .enumerate()
-                    .for_each(conv_part)
-            },
-            || transpose(&p.w_m1, h, f, w1t),
-        );
+    if train {
+        assert!(labels.is_some(), "training needs labels");
     }
-
-    // 2. dense layers, output, scores and the output-side backward, per row block.
-    let (y2, w1t) = (&ws.y2, &ws.w1t);
+    let nthreads = rayon::current_num_threads().max(1);
+    while ws.scratch.len() < nthreads {
+        ws.scratch.push(Mutex::new(Scratch::new(cfg)));
+    }
+    let (f, h, c) = (cfg.flat(), cfg.hidden, cfg.classes);
+    let nch = b.div_ceil(CHUNK);
     let scale = 1.0 / b as f32;
-    let nrb = b.div_ceil(ROWS);
+    let scratch = &ws.scratch;
+    let run = |(ci, (out, (y2, (y1, (pr, (dv, dv1)))))): ChunkArgs| {
+        let ids = &idx[ci * CHUNK..(ci * CHUNK + CHUNK).min(b)];
+        let slot = rayon::current_thread_index().unwrap_or(0) % scratch.len();
+        let mut s = scratch[slot].lock().unwrap_or_else(|e| e.into_inner());
+        chunk(
+            cfg, p, images, labels, ids, &mut s, out, y2, y1, pr, dv, dv1, train, scale,
+        );
+    };
+    let parts = (
+        ws.outs[..nch].par_iter_mut(),
+        ws.y2[..b * f].par_chunks_mut(CHUNK * f),
+        ws.y1[..b * h].par_chunks_mut(CHUNK * h),
+        ws.p[..b * c].par_chunks_mut(CHUNK * c),
+        ws.dv[..b * c].par_chunks_mut(CHUNK * c),
+        ws.dv1[..b * h].par_chunks_mut(CHUNK * h),
+    );
+    if nch == 1 {
+        // One chunk (e.g. one image): no hand-off to the pool, for latency.
+        run((
+            0,
+            (
+                &mut ws.outs[0],
+                (
+                    &mut ws.y2[..b * f],
+                    (
+                        &mut ws.y1[..b * h],
+                        (
+                            &mut ws.p[..b * c],
+                            (&mut ws.dv[..b * c], &mut ws.dv1[..b * h]),
+                        ),
+                    ),
+                ),
+            ),
+        ));
+    } else {
+        let (o, y2, y1, pr, dv, dv1) = parts;
+        o.zip(y2.zip(y1.zip(pr.zip(dv.zip(dv1)))))
+            .enumerate()
+            .for_each(run);
+    }
+    ws.outs[..nch]
+        .iter()
+        .fold(BatchStats::default(), |s, o| BatchStats {
+            loss_sum: s.loss_sum + o.loss,
+            correct: s.correct + o.correct,
+        })
+}
+
+type ChunkArgs<'a> = (
+    usize,
     (
-        ws.y1[..b * h].par_chunks_mut(ROWS * h),
-        ws.p[..b * c].par_chunks_mut(ROWS * c),
-        ws.dv[..b * c].par_chunks_mut(ROWS * c),
-        ws.dv1[..b * h].par_chunks_mut(ROWS * h),
-        idx.par_chunks(ROWS),
-        ws.scores[..nrb].par_iter_mut(),
-    )
-        .into_par_iter()
-        .enumerate()
-        .for_each(|(rb, (y1, pr, dv, dv1, ids, score))| {
-            let m = ids.len();
-            let y2 = &y2[rb * ROWS * f..(rb * ROWS + m) * f];
-            // y1 (m, H) = φ(y2 · w_m1ᵀ + b_m1)
-            if one {
-                gemm_nt(m, h, f, y2, f, &p.w_m1, f, y1, h, false);
-            } else {
-                gemm_nn(m, h, f, y2, f, 1, w1t, h, y1, h, false);
-            }
-            if !p.b_m1.is_empty() {
-                for row in y1.chunks_exact_mut(h) {
-                    row.iter_mut().zip(&p.b_m1).for_each(|(v, b)| *v += b);
-                }
-            }
-            act_in_place(cfg.act, y1);
-            // p (m, C) = softmax(y1 · wᵀ + b)
-            gemm_nt(m, c, h, y1, h, &p.w, h, pr, c, false);
-            for row in pr.chunks_exact_mut(c) {
-                row.iter_mut().zip(&p.b).for_each(|(v, b)| *v += b);
-                softmax_in_place(row);
-            }
-            *score = match labels {
-                Some(l) => score_rows(c, l, ids, pr),
-                None => (0.0, 0),
-            };
-            if train {
-                let l = labels.expect("training needs labels");
-                output_backward(cfg, p, l, ids, pr, y1, dv, dv1, scale);
-            }
-        });
-}
+        &'a mut ChunkOut,
+        (
+            &'a mut [f32],
+            (
+                &'a mut [f32],
+                (&'a mut [f32], (&'a mut [f32], &'a mut [f32])),
+            ),
+        ),
+    ),
+);
 
-/// `out (cols, rows) = aᵀ` for a row-major `a` (rows, cols), in parallel blocks of output rows.
-fn transpose(a: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
-    const T: usize = 32;
-    out[..rows * cols]
-        .par_chunks_mut(T * rows)
-        .enumerate()
-        .for_each(|(jb, o)| {
-            let j0 = jb * T;
-            let nj = o.len() / rows;
-            for i0 in (0..rows).step_by(T) {
-                for i in i0..(i0 + T).min(rows) {
-                    for j in 0..nj {
-                        o[j * rows + i] = a[i * cols + j0 + j];
-                    }
-                }
-            }
-        });
-}
-
-/// Conv + activation + pooling for one chunk of `m` images (`xf`: their slots).
-fn conv_forward_chunk(
+/// Step A for one chunk of images `ids`: forward to the probabilities, the score, and (when
+/// `train`) the way back to the chunk's kernel gradient. Row buffers are this chunk's rows.
+#[allow(clippy::too_many_arguments)]
+fn chunk(
     cfg: &NetConfig,
     p: &Params<f32>,
-    m: usize,
-    xf: &[f32],
-    z: &mut [f32],
+    images: &[u8],
+    labels: Option<&[u8]>,
+    ids: &[usize],
+    s: &mut Scratch,
+    out: &mut ChunkOut,
     y2: &mut [f32],
-    am: &mut [u32],
+    y1: &mut [f32],
+    pr: &mut [f32],
+    dv: &mut [f32],
+    dv1: &mut [f32],
+    train: bool,
+    scale: f32,
 ) {
+    let m = ids.len();
     let w = wide(cfg);
-    let (nk, wq) = (cfg.n_kernels, w.wq());
+    let (f, h, c, nk) = (cfg.flat(), cfg.hidden, cfg.classes, cfg.n_kernels);
+    let (px, xs, wq) = (cfg.pixels(), w.slot(), w.wq());
+    // x: (m, slot)
+    for (dst, &id) in s.xf.chunks_exact_mut(xs).zip(ids) {
+        pixels_to_f32(&images[id * px..(id + 1) * px], &mut dst[..px]);
+    }
     // z: (m, N, WQ) = x ⋆ k, + bias, activation in place → y_m3
-    conv_wide(w, &p.k, nk, xf, m, z);
-    let z = &mut z[..m * nk * wq];
+    conv_wide(w, &p.k, nk, &s.xf, m, &mut s.z);
+    let z = &mut s.z[..m * nk * wq];
     if !p.bk.is_empty() {
         for (row, &bias) in z.chunks_exact_mut(wq).zip(p.bk.iter().cycle()) {
             row.iter_mut().for_each(|v| *v += bias);
@@ -423,7 +372,42 @@ fn conv_forward_chunk(
     }
     act_in_place(cfg.conv_act, z);
     // y2: (m, F)
-    pool_forward(cfg, m, z, y2, am);
+    pool_forward(cfg, m, z, y2, &mut s.argmax);
+    // y1: (m, H) = φ(y2 · w_m1ᵀ + b_m1), dot products along the 2000 inputs
+    gemm_nt(m, h, f, y2, f, &p.w_m1, f, y1, h, false);
+    if !p.b_m1.is_empty() {
+        for row in y1.chunks_exact_mut(h) {
+            row.iter_mut().zip(&p.b_m1).for_each(|(v, b)| *v += b);
+        }
+    }
+    act_in_place(cfg.act, y1);
+    // p: (m, C) = softmax(y1 · wᵀ + b)
+    gemm_nt(m, c, h, y1, h, &p.w, h, pr, c, false);
+    for row in pr.chunks_exact_mut(c) {
+        row.iter_mut().zip(&p.b).for_each(|(v, b)| *v += b);
+        softmax_in_place(row);
+    }
+    (out.loss, out.correct) = match labels {
+        Some(l) => score_rows(c, l, ids, pr),
+        None => (0.0, 0),
+    };
+    if !train {
+        return;
+    }
+    let labels = labels.expect("checked by the caller");
+    output_backward(cfg, p, labels, ids, pr, y1, dv, dv1, scale);
+    // dy2: (m, F) = dv1 · w_m1
+    gemm_nn(m, f, h, dv1, h, 1, &p.w_m1, f, &mut s.dy2, f, false);
+    // dz: (m, N, WQ) = repool(dy2) ⊙ act'(y_m3); dk_c = Σ_e x_e ⋆ dz_e
+    pool_backward(cfg, m, &s.dy2, &s.argmax, &s.z, &mut s.dz);
+    conv_wide_dk(w, &s.dz, nk, &s.xf, m, &mut out.dk);
+    for (n, b) in out.dbk.iter_mut().enumerate() {
+        // Summed in f64: m·conv² terms (thousands), too many for a plain f32 sum. Junk is 0.
+        *b = (0..m)
+            .flat_map(|e| &s.dz[(e * nk + n) * wq..(e * nk + n + 1) * wq])
+            .map(|&v| f64::from(v))
+            .sum::<f64>() as f32;
+    }
 }
 
 /// Softmax of logits, in place. The max is subtracted first so `exp` cannot overflow; the
@@ -479,29 +463,6 @@ fn output_backward(
     }
     gemm_nn(m, h, c, dv, c, 1, &p.w, h, dv1, h, false);
     act_backward_in_place(cfg.act, &mut dv1[..m * h], y1);
-}
-
-/// For one chunk of `m` images: `dy2` re-pooled and times `act'` (eq. 5) into `dz`, and the
-/// chunk's kernel gradient `dk = Σ_e x_e ⋆ dz_e` (eq. 6).
-fn backward_chunk(
-    cfg: &NetConfig,
-    m: usize,
-    xf: &[f32],
-    z: &[f32],
-    dy2: &[f32],
-    cb: &mut ChunkBuf,
-) {
-    let w = wide(cfg);
-    let (nk, wq) = (cfg.n_kernels, w.wq());
-    pool_backward(cfg, m, dy2, &cb.argmax, z, &mut cb.dz);
-    conv_wide_dk(w, &cb.dz, nk, xf, m, &mut cb.dk);
-    for (n, b) in cb.dbk.iter_mut().enumerate() {
-        // Summed in f64: m·conv² terms (thousands), too many for a plain f32 sum. Junk is 0.
-        *b = (0..m)
-            .flat_map(|e| &cb.dz[(e * nk + n) * wq..(e * nk + n + 1) * wq])
-            .map(|&v| f64::from(v))
-            .sum::<f64>() as f32;
-    }
 }
 
 /// Index of the largest value (first on ties).

@@ -10,8 +10,8 @@ use crate::fast::{self, Workspace};
 use crate::mnist::Dataset;
 use crate::params::{Grads, Init, Params};
 use rand::{Rng, SeedableRng};
-use rayon::prelude::*;
 use rand_pcg::Pcg64;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
 
@@ -264,7 +264,10 @@ pub fn train(
                 for (e, &id) in ids.iter().enumerate() {
                     if tc.shift > 0 {
                         let r = tc.shift as i32;
-                        shifts[e] = (rng.random_range(-r..=r) as isize, rng.random_range(-r..=r) as isize);
+                        shifts[e] = (
+                            rng.random_range(-r..=r) as isize,
+                            rng.random_range(-r..=r) as isize,
+                        );
                     }
                     blab[e] = train.labels[id];
                 }
@@ -336,8 +339,22 @@ pub fn sgd_step(
     wd: f32,
 ) {
     // One parallel pass over blocks of every tensor; element-wise, so the split changes nothing.
-    let Params { k, bk, w_m1, b_m1, w, b } = p;
-    let Params { k: mk, bk: mbk, w_m1: mw1, b_m1: mb1, w: mw, b: mb } = m;
+    let Params {
+        k,
+        bk,
+        w_m1,
+        b_m1,
+        w,
+        b,
+    } = p;
+    let Params {
+        k: mk,
+        bk: mbk,
+        w_m1: mw1,
+        b_m1: mb1,
+        w: mw,
+        b: mb,
+    } = m;
     let work = [
         (k, &g.k, mk, wd),
         (bk, &g.bk, mbk, 0.0),
