@@ -32,8 +32,8 @@
 
 use crate::config::{Activation, NetConfig, Pooling};
 use crate::kernels::{
-    Wide, conv_wide, conv_wide_dk, gemm_nn, gemm_nt, mean_pool2, mean_repool2_relu, pixels_to_f32,
-    relu_in_place,
+    Wide, conv_wide_dk, conv_wide_fused, gemm_nn, gemm_nt, mean_pool2, mean_repool2_relu,
+    pixels_to_f32, relu_in_place,
 };
 use crate::params::{Grads, Params};
 use rayon::prelude::*;
@@ -363,14 +363,13 @@ fn chunk(
         pixels_to_f32(&images[id * px..(id + 1) * px], &mut dst[..px]);
     }
     // z: (m, N, WQ) = x ⋆ k, + bias, activation in place → y_m3
-    conv_wide(w, &p.k, nk, &s.xf, m, &mut s.z);
+    // (bias and ReLU fused into the conv's store; other activations applied after)
+    let relu = cfg.conv_act == Activation::Relu;
+    conv_wide_fused(w, &p.k, &p.bk, relu, nk, &s.xf, m, &mut s.z);
     let z = &mut s.z[..m * nk * wq];
-    if !p.bk.is_empty() {
-        for (row, &bias) in z.chunks_exact_mut(wq).zip(p.bk.iter().cycle()) {
-            row.iter_mut().for_each(|v| *v += bias);
-        }
+    if !relu {
+        act_in_place(cfg.conv_act, z);
     }
-    act_in_place(cfg.conv_act, z);
     // y2: (m, F)
     pool_forward(cfg, m, z, y2, &mut s.argmax);
     // y1: (m, H) = φ(y2 · w_m1ᵀ + b_m1), dot products along the 2000 inputs

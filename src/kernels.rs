@@ -388,7 +388,31 @@ impl Wide {
 /// # Panics
 /// If a slice is too short.
 pub fn conv_wide(w: Wide, k: &[f32], n_k: usize, x: &[f32], m: usize, out: &mut [f32]) {
+    conv_wide_fused(w, k, &[], false, n_k, x, m, out)
+}
+
+/// [`conv_wide`] with its epilogue fused in: `out = act(x ⋆ k + bias)` where `bias` (n_k) may be
+/// empty (no bias) and `act` is ReLU when `relu`, else the identity. Saves a pass over the maps.
+///
+/// # Panics
+/// If a slice is too short, or `bias` is neither empty nor n_k long.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_wide_fused(
+    w: Wide,
+    k: &[f32],
+    bias: &[f32],
+    relu: bool,
+    n_k: usize,
+    x: &[f32],
+    m: usize,
+    out: &mut [f32],
+) {
     w.check();
+    assert!(
+        bias.is_empty() || bias.len() == n_k,
+        "conv: {} biases for {n_k} kernels",
+        bias.len()
+    );
     let (kk, wq, xs) = (w.ks * w.ks, w.wq(), w.slot());
     assert!(k.len() >= n_k * kk, "conv: k too short");
     assert!(
@@ -411,6 +435,8 @@ pub fn conv_wide(w: Wide, k: &[f32], n_k: usize, x: &[f32], m: usize, out: &mut 
                     n_k,
                     kk,
                     k.as_ptr(),
+                    bias,
+                    relu,
                     x.as_ptr().add(e * xs),
                     offs,
                     wq,
@@ -420,19 +446,35 @@ pub fn conv_wide(w: Wide, k: &[f32], n_k: usize, x: &[f32], m: usize, out: &mut 
         }
         return;
     }
-    conv_wide_naive(w, k, n_k, x, m, out);
+    conv_wide_fused_naive(w, k, bias, relu, n_k, x, m, out);
 }
 
-/// The plain-loop [`conv_wide`], also the fallback.
+/// The plain-loop [`conv_wide`].
 pub fn conv_wide_naive(w: Wide, k: &[f32], n_k: usize, x: &[f32], m: usize, out: &mut [f32]) {
+    conv_wide_fused_naive(w, k, &[], false, n_k, x, m, out)
+}
+
+/// The plain-loop [`conv_wide_fused`], also the fallback.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_wide_fused_naive(
+    w: Wide,
+    k: &[f32],
+    bias: &[f32],
+    relu: bool,
+    n_k: usize,
+    x: &[f32],
+    m: usize,
+    out: &mut [f32],
+) {
     let (kk, wq, xs) = (w.ks * w.ks, w.wq(), w.slot());
     for e in 0..m {
         for n in 0..n_k {
             for q in 0..wq {
                 let s: f32 = (0..kk)
                     .map(|p| k[n * kk + p] * x[e * xs + q + w.off(p)])
-                    .sum();
-                out[(e * n_k + n) * wq + q] = s;
+                    .sum::<f32>()
+                    + bias.get(n).copied().unwrap_or(0.0);
+                out[(e * n_k + n) * wq + q] = if relu { s.max(0.0) } else { s };
             }
         }
     }
@@ -809,9 +851,12 @@ mod avx512 {
     /// AVX-512F present; k rows i < MR hold kk floats at k + i·kk; x + off[p] + 16·NV floats are
     /// readable for every p; out rows i at out + i·wq hold 16·NV writable floats.
     #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn conv_tile<const MR: usize, const NV: usize>(
         kk: usize,
         k: *const f32,
+        bias: &[f32],
+        relu: bool,
         x: *const f32,
         offs: &[usize],
         out: *mut f32,
@@ -835,9 +880,14 @@ mod avx512 {
             }
         }
         for i in 0..MR {
+            let b = _mm512_set1_ps(bias.get(i).copied().unwrap_or(0.0));
             for v in 0..NV {
+                let mut r = _mm512_add_ps(t[i][v], b);
+                if relu {
+                    r = _mm512_max_ps(r, _mm512_setzero_ps());
+                }
                 // SAFETY: per the contract.
-                unsafe { _mm512_storeu_ps(out.add(i * wq + 16 * v), t[i][v]) };
+                unsafe { _mm512_storeu_ps(out.add(i * wq + 16 * v), r) };
             }
         }
     }
@@ -846,10 +896,13 @@ mod avx512 {
     /// AVX-512F present; `k` (n_k, kk), `x` readable at every q + off[p] (q < wq), `out` (n_k, wq)
     /// writable; wq a multiple of 16.
     #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn conv_fwd(
         n_k: usize,
         kk: usize,
         k: *const f32,
+        bias: &[f32],
+        relu: bool,
         x: *const f32,
         offs: &[usize],
         wq: usize,
@@ -867,15 +920,20 @@ mod avx512 {
                 // SAFETY: rows i..i+mr < n_k, positions 16·v0 .. 16·(v0+nv) ≤ wq.
                 unsafe {
                     let (kp, xp, op) = (k.add(i * kk), x.add(16 * v0), out.add(i * wq + 16 * v0));
+                    let bias = if bias.is_empty() {
+                        bias
+                    } else {
+                        &bias[i..i + mr]
+                    };
                     macro_rules! go {
                         ($($mr:literal),*) => {
                             match (mr, nv) {
                                 $(
-                                    ($mr, 1) => conv_tile::<$mr, 1>(kk, kp, xp, offs, op, wq),
-                                    ($mr, 2) => conv_tile::<$mr, 2>(kk, kp, xp, offs, op, wq),
-                                    ($mr, 3) => conv_tile::<$mr, 3>(kk, kp, xp, offs, op, wq),
-                                    ($mr, 4) => conv_tile::<$mr, 4>(kk, kp, xp, offs, op, wq),
-                                    ($mr, 5) => conv_tile::<$mr, 5>(kk, kp, xp, offs, op, wq),
+                                    ($mr, 1) => conv_tile::<$mr, 1>(kk, kp, bias, relu, xp, offs, op, wq),
+                                    ($mr, 2) => conv_tile::<$mr, 2>(kk, kp, bias, relu, xp, offs, op, wq),
+                                    ($mr, 3) => conv_tile::<$mr, 3>(kk, kp, bias, relu, xp, offs, op, wq),
+                                    ($mr, 4) => conv_tile::<$mr, 4>(kk, kp, bias, relu, xp, offs, op, wq),
+                                    ($mr, 5) => conv_tile::<$mr, 5>(kk, kp, bias, relu, xp, offs, op, wq),
                                 )*
                                 _ => unreachable!("tile {mr}×{nv}"),
                             }
@@ -1356,6 +1414,16 @@ mod tests {
             conv_wide(w, &k, n_k, &x, m, &mut a);
             conv_wide_naive(w, &k, n_k, &x, m, &mut b);
             close(&a, &b, "conv_wide");
+            let bias = rand_vec(n_k, 14);
+            let mut fa = a.clone();
+            conv_wide_fused(w, &k, &bias, true, n_k, &x, m, &mut fa);
+            for (q, (fv, v)) in fa.iter().zip(&a).enumerate() {
+                let want = (v + bias[(q / w.wq()) % n_k]).max(0.0);
+                assert!(
+                    (fv - want).abs() < 1e-5,
+                    "fused conv at {q}: {fv} vs {want}"
+                );
+            }
             // The valid outputs are the cross-correlation.
             let conv = w.conv();
             let (r, c, n) = (conv - 1, conv / 2, n_k - 1);
