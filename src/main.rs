@@ -505,24 +505,7 @@ fn cmd_eval(a: EvalArgs) -> anyhow::Result<ExitCode> {
         bail!("--threads must be at least 1 (leave it out to use every core)");
     }
     let model = checkpoint::load(&a.model)?;
-    let (data, source) = match (&a.data, a.split) {
-        (None, SplitArg::Test) => (
-            mnist::embedded::test(),
-            "embedded sample, test split".to_string(),
-        ),
-        (None, SplitArg::Train) => (
-            mnist::embedded::train(),
-            "embedded sample, train split".to_string(),
-        ),
-        (Some(d), s) => {
-            let split = if s == SplitArg::Test {
-                Split::Test
-            } else {
-                Split::Train
-            };
-            (mnist::load_split(d, split)?, d.display().to_string())
-        }
-    };
+    let (data, source) = split_data(&a.data, a.split)?;
     let ev = train::evaluate(&model, &data, a.threads.unwrap_or(0))?;
     if a.json {
         println!("{}", serde_json::to_string(&ev)?);
