@@ -53,9 +53,7 @@ fn main() {
     );
     let w = Wide { img: 28, ks: 9 };
     let mut xs = vec![0.0f32; w.slot()];
-    for (d, &s) in xs.iter_mut().zip(data.image(0)) {
-        *d = f32::from(s) / 255.0;
-    }
+    w.fill(data.image(0), &mut xs);
     let mut z = vec![0.0f32; 20 * w.wq()];
     row(
         "conv forward (x ⋆ k)",
@@ -81,7 +79,7 @@ fn main() {
             for n in 0..20 {
                 kernels::mean_pool2(
                     &z[n * w.wq()..(n + 1) * w.wq()],
-                    28,
+                    20,
                     10,
                     &mut y2[n * 100..(n + 1) * 100],
                 );
@@ -101,7 +99,7 @@ fn main() {
                 kernels::mean_repool2_relu(
                     &y2[n * 100..(n + 1) * 100],
                     &z[m.clone()],
-                    28,
+                    20,
                     10,
                     &mut dz[m],
                 );

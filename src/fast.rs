@@ -3,15 +3,15 @@
 //! Same formulas as [`crate::reference`], laid out for throughput on the kernels of
 //! [`crate::kernels`]. Shapes for a batch of `B` images (`KK = ks²` taps, `N` kernels,
 //! `F = flat`, `H = hidden`, `C = classes`). The conv layer uses the "wide" layout of
-//! [`crate::kernels::Wide`]: map position `(r, c)` at `r·img + c`, `WQ` positions per map (560 by
-//! default, 400 of them valid), so that each tap reads one contiguous run of the image and no
-//! im2col copy is made.
+//! [`crate::kernels::Wide`]: each image is kept as `ks` column-shifted copies so that every tap
+//! reads one contiguous run of it (no im2col copy), and maps are stored compactly, position
+//! `(r, c)` at `r·conv + c`, `WQ` = conv² rounded up to 16 positions per map (400 by default).
 //!
 //! Everything an image needs except the weight gradients of the dense layers is local to that
 //! image, so the batch is cut into chunks of `m ≤ CHUNK` images and each chunk goes all the way
 //! forward and back to its kernel gradient while its maps are still in the core's cache:
 //! ```text
-//! A. per chunk:  x     (m, slot)     u8 → [0, 1]
+//! A. per chunk:  x     (m, slot)     u8 → [0, 1], as ks column-shifted copies
 //!                z     (m, N, WQ)    = x ⋆ k (+ bk), in place y_m3 = act(z)    conv_wide
 //!                y2    (m, F)        = pool(y_m3), flattened (n, r, c)         y⁽⁻²⁾
 //!                y1    (m, H)        = φ(y2 · w_m1ᵀ (+ b_m1))                  gemm_nt
@@ -33,7 +33,7 @@
 use crate::config::{Activation, NetConfig, Pooling};
 use crate::kernels::{
     Wide, conv_wide_dk, conv_wide_fused, gemm_nn, gemm_nt, mean_pool2, mean_repool2_relu,
-    pixels_to_f32, relu_in_place,
+    relu_in_place,
 };
 use crate::params::{Grads, Params};
 use rayon::prelude::*;
@@ -360,7 +360,7 @@ fn chunk(
     let (px, xs, wq) = (cfg.pixels(), w.slot(), w.wq());
     // x: (m, slot)
     for (dst, &id) in s.xf.chunks_exact_mut(xs).zip(ids) {
-        pixels_to_f32(&images[id * px..(id + 1) * px], &mut dst[..px]);
+        w.fill(&images[id * px..(id + 1) * px], dst);
     }
     // z: (m, N, WQ) = x ⋆ k, + bias, activation in place → y_m3
     // (bias and ReLU fused into the conv's store; other activations applied after)
@@ -478,7 +478,8 @@ pub fn argmax(v: &[f32]) -> usize {
 /// Pooling over a chunk's conv maps `y_m3` (m, N, WQ) (wide layout) into `y2` (m, F).
 /// For max pooling, `amax` gets the index into `y_m3` of each chosen value (first on ties).
 fn pool_forward(cfg: &NetConfig, m: usize, y_m3: &[f32], y2: &mut [f32], amax: &mut [u32]) {
-    let (img, ps, pooled, nk) = (cfg.img, cfg.pool, cfg.pooled(), cfg.n_kernels);
+    // Maps are stored compactly: row stride `conv`.
+    let (img, ps, pooled, nk) = (cfg.conv(), cfg.pool, cfg.pooled(), cfg.n_kernels);
     let (wq, f, pp) = (wide(cfg).wq(), cfg.flat(), pooled * pooled);
     let inv = 1.0 / (ps * ps) as f32;
     for e in 0..m {
@@ -533,7 +534,14 @@ fn pool_backward(
     y_m3: &[f32],
     dz: &mut [f32],
 ) {
-    let (img, ps, pooled, nk, conv) = (cfg.img, cfg.pool, cfg.pooled(), cfg.n_kernels, cfg.conv());
+    // Maps are stored compactly: row stride `conv`.
+    let (img, ps, pooled, nk, conv) = (
+        cfg.conv(),
+        cfg.pool,
+        cfg.pooled(),
+        cfg.n_kernels,
+        cfg.conv(),
+    );
     let (wq, f, pp) = (wide(cfg).wq(), cfg.flat(), pooled * pooled);
     let dz = &mut dz[..m * nk * wq];
     match cfg.pooling {

@@ -331,10 +331,11 @@ pub fn gemm_nt_on(
 /// Most taps the SIMD conv kernels take (16×16); larger kernels use the plain loops.
 const MAX_TAPS: usize = 256;
 
-/// The conv layer's "wide" layout. Output position `(r, c)` of a map is stored at
-/// `q = r·img + c` (the input's own row stride), so tap `(i, j)` of every output reads the input
-/// at `q + i·img + j`: one contiguous run per tap, with no im2col copy. The `img − conv` columns
-/// at the end of each row are junk, computed and ignored.
+/// The conv layer's layout. Each image is stored as `ks` column-shifted copies
+/// `X_j[rr][c] = x[rr][c + j]` (`rr < img`, `c < conv`), one after the other, so that tap
+/// `(i, j)` of every output position `q = r·conv + c` reads `X_j[q + i·conv]`: one contiguous run
+/// per tap, with no im2col copy and no wasted positions. Maps are stored compactly, `r·conv + c`,
+/// padded to a multiple of 16 positions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Wide {
     /// Image side.
@@ -348,20 +349,39 @@ impl Wide {
     pub fn conv(&self) -> usize {
         self.img + 1 - self.ks
     }
-    /// Wide positions per map, `conv·img` rounded up to a multiple of 16.
+    /// Positions per map, `conv²` rounded up to a multiple of 16 (the extra ones are junk).
     pub fn wq(&self) -> usize {
-        (self.conv() * self.img).next_multiple_of(16)
+        (self.conv() * self.conv()).next_multiple_of(16)
     }
-    /// Offset of tap `p = i·ks + j`: `i·img + j`.
+    /// Floats per column-shifted copy: `img` rows of `conv`.
+    fn js(&self) -> usize {
+        self.img * self.conv()
+    }
+    /// Offset of tap `p = i·ks + j`: copy `j`, row `i`.
     pub fn off(&self, p: usize) -> usize {
-        (p / self.ks) * self.img + p % self.ks
+        (p % self.ks) * self.js() + (p / self.ks) * self.conv()
     }
-    /// Floats per image slot of the input: room for `img²` pixels and for every read
-    /// `q + off(p)`, `q < wq`; the slot's tail must be zeros (or any finite values).
+    /// Floats per image slot: every read `q + off(p)`, `q < wq`, falls inside it.
     pub fn slot(&self) -> usize {
-        (self.wq() + self.off(self.ks * self.ks - 1))
-            .max(self.img * self.img)
-            .next_multiple_of(16)
+        (self.off(self.ks * self.ks - 1) + self.wq()).next_multiple_of(16)
+    }
+    /// Writes image `x` (img×img pixels, 0..=255) into its slot as the `ks` column-shifted
+    /// copies, scaled to [0, 1]; the slot's tail is zeroed.
+    ///
+    /// # Panics
+    /// If `x` or `slot` is too short.
+    pub fn fill(&self, x: &[u8], slot: &mut [f32]) {
+        let (img, conv, js) = (self.img, self.conv(), self.js());
+        let slot = &mut slot[..self.slot()];
+        for j in 0..self.ks {
+            for rr in 0..img {
+                let dst = &mut slot[j * js + rr * conv..j * js + (rr + 1) * conv];
+                for (d, &s) in dst.iter_mut().zip(&x[rr * img + j..rr * img + j + conv]) {
+                    *d = f32::from(s) * (1.0 / 255.0);
+                }
+            }
+        }
+        slot[self.ks * js..].fill(0.0);
     }
     /// Every tap's offset, on the stack (the SIMD path takes kernels of up to 16×16).
     fn offsets(&self) -> [usize; MAX_TAPS] {
@@ -1403,10 +1423,13 @@ mod tests {
     fn wide_conv_and_kernel_gradient_match_naive() {
         for (m, img, ks, n_k) in [(3, 28, 9, 20), (2, 28, 5, 7), (1, 12, 3, 1), (2, 7, 7, 6)] {
             let w = Wide { img, ks };
-            let mut x = rand_vec(m * w.slot(), 11);
-            // A real slot has zeros after its img² pixels.
+            let mut x = vec![0.0; m * w.slot()];
+            let px: Vec<u8> = (0..m * img * img).map(|i| (i * 7919 % 256) as u8).collect();
             for e in 0..m {
-                x[e * w.slot() + img * img..(e + 1) * w.slot()].fill(0.0);
+                w.fill(
+                    &px[e * img * img..(e + 1) * img * img],
+                    &mut x[e * w.slot()..(e + 1) * w.slot()],
+                );
             }
             let k = rand_vec(n_k * ks * ks, 12);
             let mut a = vec![0.0; m * n_k * w.wq()];
@@ -1428,13 +1451,15 @@ mod tests {
             let conv = w.conv();
             let (r, c, n) = (conv - 1, conv / 2, n_k - 1);
             let want: f32 = (0..ks * ks)
-                .map(|p| k[n * ks * ks + p] * x[(r + p / ks) * img + c + p % ks])
+                .map(|p| {
+                    k[n * ks * ks + p] * f32::from(px[(r + p / ks) * img + c + p % ks]) / 255.0
+                })
                 .sum();
-            assert!((b[n * w.wq() + r * img + c] - want).abs() < 1e-4);
+            assert!((b[n * w.wq() + r * conv + c] - want).abs() < 1e-4);
 
             let mut dz = rand_vec(m * n_k * w.wq(), 13);
             for (q, v) in dz.iter_mut().enumerate() {
-                if (q % w.wq()) % img >= conv || q % w.wq() >= conv * img {
+                if q % w.wq() >= conv * conv {
                     *v = 0.0; // junk positions carry no gradient
                 }
             }
