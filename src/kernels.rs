@@ -36,6 +36,19 @@ pub fn has_avx512() -> bool {
     }
 }
 
+/// Whether this CPU also has AVX-512BW and VL (byte-masked loads).
+pub fn has_avx512bw_vl() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// The implementation chosen for this CPU (AVX-512F if present), unless `MNISTCONV_KERNELS=portable`.
 pub fn backend() -> Backend {
     use std::sync::OnceLock;
@@ -373,6 +386,21 @@ impl Wide {
     pub fn fill(&self, x: &[u8], slot: &mut [f32]) {
         let (img, conv, js) = (self.img, self.conv(), self.js());
         let slot = &mut slot[..self.slot()];
+        assert!(
+            x.len() >= img * img,
+            "fill: image has {} pixels, needs {}",
+            x.len(),
+            img * img
+        );
+        #[cfg(target_arch = "x86_64")]
+        if backend() == Backend::Avx512 && conv <= 32 && has_avx512bw_vl() {
+            // SAFETY: AVX-512F, BW and VL were detected. Reads x[rr·img + j + c] for rr < img, c < conv,
+            // j < ks (so j + c < img): within x; lanes past conv are masked off. Writes
+            // slot[j·js + rr·conv + c], c < conv: below ks·js ≤ slot.len().
+            unsafe { avx512::fill_shifted(x.as_ptr(), img, self.ks, conv, slot.as_mut_ptr()) };
+            slot[self.ks * js..].fill(0.0);
+            return;
+        }
         for j in 0..self.ks {
             for rr in 0..img {
                 let dst = &mut slot[j * js + rr * conv..j * js + (rr + 1) * conv];
@@ -1101,6 +1129,34 @@ mod avx512 {
         }
     }
 
+    /// The `ks` column-shifted f32 copies of one u8 image (see `Wide::fill`).
+    ///
+    /// # Safety
+    /// AVX-512F, BW and VL present, `conv ≤ 32`; bounds as checked in `Wide::fill`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub unsafe fn fill_shifted(x: *const u8, img: usize, ks: usize, conv: usize, out: *mut f32) {
+        let scale = _mm512_set1_ps(1.0 / 255.0);
+        let (m0, m1) = (mask(conv.min(16)), mask(conv.saturating_sub(16)));
+        let js = img * conv;
+        for j in 0..ks {
+            for rr in 0..img {
+                // SAFETY: per the contract; masked lanes are neither read nor written.
+                unsafe {
+                    let src = x.add(rr * img + j);
+                    let dst = out.add(j * js + rr * conv);
+                    let b0 = _mm_maskz_loadu_epi8(m0, src as *const i8);
+                    let v0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b0)), scale);
+                    _mm512_mask_storeu_ps(dst, m0, v0);
+                    if m1 != 0 {
+                        let b1 = _mm_maskz_loadu_epi8(m1, src.add(16) as *const i8);
+                        let v1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b1)), scale);
+                        _mm512_mask_storeu_ps(dst.add(16), m1, v1);
+                    }
+                }
+            }
+        }
+    }
+
     /// # Safety
     /// AVX-512F present.
     #[target_feature(enable = "avx512f")]
@@ -1468,6 +1524,27 @@ mod tests {
             conv_wide_dk(w, &dz, n_k, &x, m, &mut da);
             conv_wide_dk_naive(w, &dz, n_k, &x, m, &mut db);
             close(&da, &db, "conv_wide_dk");
+        }
+    }
+
+    #[test]
+    fn fill_matches_its_definition() {
+        for (img, ks) in [(28, 9), (28, 5), (12, 3), (40, 7)] {
+            let w = Wide { img, ks };
+            let x: Vec<u8> = (0..img * img).map(|i| (i * 31 % 256) as u8).collect();
+            let mut slot = vec![9.0; w.slot()];
+            w.fill(&x, &mut slot);
+            let conv = w.conv();
+            for p in 0..ks * ks {
+                for q in 0..conv * conv {
+                    let (i, j, r, c) = (p / ks, p % ks, q / conv, q % conv);
+                    assert_eq!(
+                        slot[w.off(p) + q],
+                        f32::from(x[(r + i) * img + c + j]) * (1.0 / 255.0)
+                    );
+                }
+            }
+            assert!(slot[ks * img * conv..].iter().all(|&v| v == 0.0));
         }
     }
 

@@ -190,16 +190,19 @@ fn epoch_seed(seed: u64, epoch: usize) -> u64 {
 fn shift_image(src: &[u8], dst: &mut [u8], side: usize, dy: isize, dx: isize) {
     dst.fill(0);
     let s = side as isize;
+    // Columns that stay inside the image, for every row.
+    let (c0, c1) = (dx.max(0), (s + dx).min(s));
+    if c0 >= c1 {
+        return;
+    }
     for r in 0..s {
         let sr = r - dy;
-        if !(0..s).contains(&sr) {
-            continue;
-        }
-        for c in 0..s {
-            let sc = c - dx;
-            if (0..s).contains(&sc) {
-                dst[(r * s + c) as usize] = src[(sr * s + sc) as usize];
-            }
+        if (0..s).contains(&sr) {
+            let (r, sr) = (r as usize, sr as usize);
+            let (c0, c1) = (c0 as usize, c1 as usize);
+            let from = (c0 as isize - dx) as usize;
+            dst[r * side + c0..r * side + c1]
+                .copy_from_slice(&src[sr * side + from..sr * side + from + (c1 - c0)]);
         }
     }
 }
