@@ -56,6 +56,27 @@ fn main() {
         2.0 * 100.0 * 100.0 * 2000.0,
         || gemm_nt(b, 100, 2000, &y2, 2000, &w1, 2000, &mut y1, 100, false),
     );
+    time(
+        "fc1 fwd nt 4x100x2000 (one chunk)",
+        2.0 * 4.0 * 100.0 * 2000.0,
+        || gemm_nt(4, 100, 2000, &y2, 2000, &w1, 2000, &mut y1, 100, false),
+    );
+    time(
+        "fc1 fwd nn 4x100x2000 on w1t (one chunk)",
+        2.0 * 4.0 * 100.0 * 2000.0,
+        || gemm_nn(4, 100, 2000, &y2, 2000, 1, &w1t, 100, &mut y1, 100, false),
+    );
+    let dv1c = vec![0.01f32; 4 * 100];
+    let mut dy2c = vec![0.0f32; 4 * 2000];
+    time(
+        "dy2 nn 4x2000x100 (one chunk)",
+        2.0 * 4.0 * 100.0 * 2000.0,
+        || {
+            gemm_nn(
+                4, 2000, 100, &dv1c, 100, 1, &w1, 2000, &mut dy2c, 2000, false,
+            )
+        },
+    );
     let dv1 = vec![0.01f32; b * 100];
     let mut dw1 = vec![0.0f32; 100 * 2000];
     time("dw1 nn 100x2000x100", 2.0 * 100.0 * 100.0 * 2000.0, || {

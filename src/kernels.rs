@@ -1090,9 +1090,11 @@ mod avx512 {
         wq: usize,
         dk: *mut f32,
     ) {
-        // One image at a time (its maps stay in L1 while every tap tile reads them), map tiles
-        // outer; each image's sums are reduced across lanes and added to dk.
-        for e in 0..m {
+        // DK_IMAGES images at a time (their maps stay in L1 while every tap tile reads them),
+        // map tiles outer; the group's sums are reduced across lanes once and added to dk.
+        const DK_IMAGES: usize = 2;
+        for e in (0..m).step_by(DK_IMAGES) {
+            let me = DK_IMAGES.min(m - e);
             let (dz, x, add) = (
                 unsafe { dz.add(e * n_k * wq) },
                 unsafe { x.add(e * xs) },
@@ -1104,17 +1106,17 @@ mod avx512 {
                 let mut p = 0;
                 while p < kk {
                     let nr = (kk - p).min(4);
-                    // SAFETY: maps i..i+mr < n_k and taps p..p+nr ≤ kk of image e are in bounds.
+                    // SAFETY: maps i..i+mr < n_k and taps p..p+nr ≤ kk of images e..e+me are in bounds.
                     unsafe {
                         let (dzp, dkp, o) = (dz.add(i * wq), dk.add(i * kk + p), &offs[p..p + nr]);
                         macro_rules! go {
                             ($($mr:literal),*) => {
                                 match (mr, nr) {
                                     $(
-                                        ($mr, 1) => dk_tile::<$mr, 1>(n_k, kk, dzp, x, xs, 1, o, wq, dkp, add),
-                                        ($mr, 2) => dk_tile::<$mr, 2>(n_k, kk, dzp, x, xs, 1, o, wq, dkp, add),
-                                        ($mr, 3) => dk_tile::<$mr, 3>(n_k, kk, dzp, x, xs, 1, o, wq, dkp, add),
-                                        ($mr, 4) => dk_tile::<$mr, 4>(n_k, kk, dzp, x, xs, 1, o, wq, dkp, add),
+                                        ($mr, 1) => dk_tile::<$mr, 1>(n_k, kk, dzp, x, xs, me, o, wq, dkp, add),
+                                        ($mr, 2) => dk_tile::<$mr, 2>(n_k, kk, dzp, x, xs, me, o, wq, dkp, add),
+                                        ($mr, 3) => dk_tile::<$mr, 3>(n_k, kk, dzp, x, xs, me, o, wq, dkp, add),
+                                        ($mr, 4) => dk_tile::<$mr, 4>(n_k, kk, dzp, x, xs, me, o, wq, dkp, add),
                                     )*
                                     _ => unreachable!("tile {mr}×{nr}"),
                                 }
