@@ -287,3 +287,36 @@ fn reads_both_file_name_styles_plain_and_gzip() {
         "{e}"
     );
 }
+
+/// The portable kernels (what a CPU without AVX-512 runs) train the same network to the same
+/// numbers, up to f32 rounding: the whole batched path, not only each kernel, works without SIMD.
+#[test]
+fn portable_kernels_train_the_same() {
+    let d = tmpdir("portable");
+    let mut losses = Vec::new();
+    for kernels in ["portable", "auto"] {
+        let p = d.join(format!("{kernels}.safetensors"));
+        let o = bin()
+            .args([
+                "train",
+                "--epochs",
+                "2",
+                "--limit",
+                "600",
+                "--batch",
+                "50",
+                "--json",
+                "--out",
+                p.to_str().unwrap(),
+            ])
+            .env("MNISTCONV_KERNELS", kernels)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        losses.push(last_json(&o)["final_train_loss"].as_f64().unwrap());
+    }
+    assert!(
+        (losses[0] - losses[1]).abs() < 1e-3 * losses[1],
+        "{losses:?}"
+    );
+}
