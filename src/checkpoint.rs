@@ -176,6 +176,74 @@ mod tests {
         }
     }
 
+    /// A file whose tensors do not match the model it claims to be is refused, naming the tensor.
+    #[test]
+    fn refuses_missing_extra_and_misshapen_tensors() {
+        let cfg = NetConfig::default();
+        let p = Params::init(&cfg, Init::He, 3);
+        let raw = |tensors: Vec<(&str, Vec<usize>, Vec<f32>)>,
+                   meta: Option<HashMap<String, String>>| {
+            let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+                .into_iter()
+                .map(|(n, s, v)| {
+                    (
+                        n.to_string(),
+                        s,
+                        v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                    )
+                })
+                .collect();
+            let views: Vec<(String, TensorView)> = bytes
+                .iter()
+                .map(|(n, s, b)| {
+                    (
+                        n.clone(),
+                        TensorView::new(Dtype::F32, s.clone(), b).unwrap(),
+                    )
+                })
+                .collect();
+            safetensors::serialize(views, meta).unwrap()
+        };
+        let good = || {
+            vec![
+                ("conv.weight", vec![20, 1, 9, 9], p.k.clone()),
+                ("fc1.weight", vec![100, 2000], p.w_m1.clone()),
+                ("fc2.weight", vec![10, 100], p.w.clone()),
+            ]
+        };
+        // As PyTorch would save it (no metadata): loads as the default network.
+        let m = from_bytes(&raw(good(), None), Path::new("pt")).unwrap();
+        assert_eq!(m.params, p);
+        let mut missing = good();
+        missing.remove(1);
+        let e = from_bytes(&raw(missing, None), Path::new("m"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing tensor \"fc1.weight\""), "{e}");
+        let mut extra = good();
+        extra.push(("fc3.weight", vec![1], vec![0.0]));
+        let e = from_bytes(&raw(extra, None), Path::new("x"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unexpected tensor \"fc3.weight\""), "{e}");
+        let mut shape = good();
+        shape[2] = ("fc2.weight", vec![100, 10], p.w.clone());
+        let e = from_bytes(&raw(shape, None), Path::new("s"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("fc2.weight") && e.contains("[10, 100]"), "{e}");
+        // A config in the metadata that contradicts the tensors.
+        let small = NetConfig {
+            hidden: 50,
+            ..NetConfig::default()
+        };
+        let meta = [("config".to_string(), serde_json::to_string(&small).unwrap())].into();
+        let e = from_bytes(&raw(good(), Some(meta)), Path::new("c"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("metadata"), "{e}");
+    }
+
     #[test]
     fn refuses_garbage_and_nan() {
         let e = from_bytes(b"hello world, not safetensors", Path::new("g"))
