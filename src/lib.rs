@@ -37,6 +37,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod explain;
 pub mod fast;
 pub mod fsutil;
 pub mod gradcheck;

@@ -320,3 +320,23 @@ fn portable_kernels_train_the_same() {
         "{losses:?}"
     );
 }
+
+#[test]
+fn explain_walks_the_chain_and_every_check_passes() {
+    let d = tmpdir("explain");
+    let out = d.join("trace.safetensors");
+    let o = run(&["explain", "--index", "4", "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = stdout(&o);
+    for f in ["∂L/∂v = y − d", "∂J/∂w⁽⁻¹⁾", "re-pool", "∂J/∂k = x ⋆"] {
+        assert!(s.contains(f), "missing {f}: {s}");
+    }
+    assert!(out.exists());
+    let o = run(&["explain", "--index", "4", "--json", "--label", "3"]);
+    let j = last_json(&o);
+    assert_eq!(j["passed"], true);
+    assert_eq!(j["label"], 3);
+    assert!(j["factors"].as_array().unwrap().len() >= 10);
+    let o = run(&["explain", "--index", "999999"]);
+    assert_eq!(o.status.code(), Some(2));
+}
