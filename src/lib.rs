@@ -44,6 +44,7 @@ pub mod gradcheck;
 pub mod kernels;
 pub mod mnist;
 pub mod params;
+pub mod preprocess;
 pub mod reference;
 pub mod train;
 

@@ -75,14 +75,20 @@ struct PredictArgs {
     /// Checkpoint to use.
     #[arg(long)]
     model: PathBuf,
-    /// Data directory (default: the embedded sample).
+    /// Pictures of digits (PNG or JPEG), normalised as MNIST was: grey, inverted if the
+    /// background is light, cropped, scaled to 20 px, centred by mass in 28×28.
+    images: Vec<PathBuf>,
+    /// Take the pictures as they are (they must be 28×28, bright ink on dark).
+    #[arg(long)]
+    raw: bool,
+    /// Data directory for --index (default: the embedded sample).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Which files: t10k-* (test) or train-*.
+    /// Which files for --index: t10k-* (test) or train-*.
     #[arg(long, value_enum, default_value = "test")]
     split: SplitArg,
-    /// Image indices (one or more).
-    #[arg(long, num_args = 1.., required = true)]
+    /// Data-set image indices (instead of picture files).
+    #[arg(long, num_args = 1..)]
     index: Vec<usize>,
     /// One JSON object per image (with the logits and all probabilities).
     #[arg(long)]
@@ -499,27 +505,20 @@ fn split_data(data: &Option<PathBuf>, split: SplitArg) -> anyhow::Result<(Datase
 }
 
 fn cmd_predict(a: PredictArgs) -> anyhow::Result<ExitCode> {
+    if a.images.is_empty() == a.index.is_empty() {
+        bail!("give either picture files or --index (one or more), not both or neither");
+    }
     let model = checkpoint::load(&a.model)?;
-    let (data, source) = split_data(&a.data, a.split)?;
-    data.check_fits(model.cfg.img, model.cfg.classes, &source)?;
     let p64 = model.params.map(f64::from);
-    for &i in &a.index {
-        if i >= data.len() {
-            bail!(
-                "--index {i}: {source} has {} images (0..{})",
-                data.len(),
-                data.len()
-            );
-        }
-        let label = usize::from(data.labels[i]);
+    let report = |name: &str, label: Option<usize>, px: &[f64]| {
         // The f64 reference path: the logits exactly as the formulas give them.
-        let act = mnistconv::reference::forward(&model.cfg, &p64, &data.image_f64(i), label);
+        let act = mnistconv::reference::forward(&model.cfg, &p64, px, label.unwrap_or(0));
         let mut order: Vec<usize> = (0..act.y.len()).collect();
         order.sort_by(|&x, &y| act.y[y].total_cmp(&act.y[x]));
         if a.json {
             println!(
                 "{}",
-                json!({"index": i, "label": label, "prediction": order[0],
+                json!({"image": name, "label": label, "prediction": order[0],
                        "top3": order.iter().take(3).map(|&c| json!({"class": c, "probability": act.y[c]})).collect::<Vec<_>>(),
                        "probabilities": act.y, "logits": act.v})
             );
@@ -529,10 +528,63 @@ fn cmd_predict(a: PredictArgs) -> anyhow::Result<ExitCode> {
                 .take(3)
                 .map(|&c| format!("{c} ({})", pct(act.y[c])))
                 .collect();
-            println!("image {i} (label {label}): {}", top.join("  "));
+            let label = label.map(|l| format!(" (label {l})")).unwrap_or_default();
+            println!("{name}{label}: {}", top.join("  "));
+        }
+    };
+    if !a.index.is_empty() {
+        let (data, source) = split_data(&a.data, a.split)?;
+        data.check_fits(model.cfg.img, model.cfg.classes, &source)?;
+        for &i in &a.index {
+            if i >= data.len() {
+                bail!(
+                    "--index {i}: {source} has {} images (0..{})",
+                    data.len(),
+                    data.len()
+                );
+            }
+            report(
+                &format!("image {i}"),
+                Some(usize::from(data.labels[i])),
+                &data.image_f64(i),
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if model.cfg.img != 28 {
+        bail!(
+            "pictures are normalised to 28×28; this model takes {0}×{0}",
+            model.cfg.img
+        );
+    }
+    let mut failed = 0;
+    for path in &a.images {
+        let name = path.display().to_string();
+        let px = mnistconv::preprocess::read_gray(path).and_then(|g| {
+            if a.raw {
+                mnistconv::preprocess::raw_28(&g, &name)
+            } else {
+                mnistconv::preprocess::mnist_normalize(&g, &name)
+            }
+        });
+        match px {
+            Ok(px) => report(
+                &name,
+                None,
+                &px.iter().map(|&v| f64::from(v) / 255.0).collect::<Vec<_>>(),
+            ),
+            Err(e) => {
+                // This file's problem; the others still get their answer.
+                eprintln!("error: {e}");
+                failed += 1;
+            }
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(if failed > 0 {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn cmd_eval(a: EvalArgs) -> anyhow::Result<ExitCode> {

@@ -340,3 +340,89 @@ fn explain_walks_the_chain_and_every_check_passes() {
     let o = run(&["explain", "--index", "999999"]);
     assert_eq!(o.status.code(), Some(2));
 }
+
+/// Pictures as a user supplies them (tests/images, made by examples/make_test_images.rs from real
+/// MNIST digits): dark on light, enlarged, off-centre, PNG and JPEG. A blank page, a file that is
+/// not an image and one too large to decode are each a clear error for that file, while the others
+/// are still answered.
+#[test]
+fn predict_on_pictures() {
+    let d = tmpdir("pictures");
+    let model = d.join("m.safetensors");
+    let o = run(&["train", "--epochs", "3", "--out", model.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let huge = d.join("huge.png");
+    image::GrayImage::new(9000, 2).save(&huge).unwrap();
+    let raw = d.join("raw.png");
+    let data = mnistconv::mnist::embedded::test();
+    image::GrayImage::from_raw(28, 28, data.image(0).to_vec())
+        .unwrap()
+        .save(&raw)
+        .unwrap();
+    let pics = [
+        ("tests/images/two_dark_on_light.png", 2),
+        ("tests/images/four_light_on_dark_corner.jpg", 4),
+        ("tests/images/seven_dark_on_light.jpg", 7),
+        ("tests/images/nine_small_off_centre.png", 9),
+    ];
+    let mut args = vec!["predict", "--json", "--model", model.to_str().unwrap()];
+    args.extend(pics.iter().map(|p| p.0));
+    args.extend([
+        "tests/images/blank.png",
+        "tests/images/not_an_image.png",
+        huge.to_str().unwrap(),
+    ]);
+    let o = run(&args);
+    assert_eq!(o.status.code(), Some(2), "a bad file makes the run exit 2");
+    let e = stderr(&o);
+    assert!(!e.contains("panicked"), "{e}");
+    assert!(e.contains("blank.png: blank image"), "{e}");
+    assert!(e.contains("not_an_image.png: not a readable image"), "{e}");
+    assert!(
+        e.contains("huge.png: the image is 9000×2, larger than"),
+        "{e}"
+    );
+    let answers: Vec<serde_json::Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(answers.len(), 4, "the good pictures are still answered");
+    let right = answers
+        .iter()
+        .zip(&pics)
+        .filter(|(a, p)| a["prediction"] == p.1)
+        .count();
+    assert!(right >= 3, "{right} of 4 right: {answers:?}");
+    for a in &answers {
+        let p: f64 = a["probabilities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .sum();
+        assert!((p - 1.0).abs() < 1e-9 && a["top3"].as_array().unwrap().len() == 3);
+    }
+    // --raw: a 28×28 MNIST-style picture as it is; a picture of another size is refused.
+    let o = run(&[
+        "predict",
+        "--raw",
+        "--json",
+        "--model",
+        model.to_str().unwrap(),
+        raw.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(last_json(&o)["prediction"], u64::from(data.labels[0]));
+    let o = run(&[
+        "predict",
+        "--raw",
+        "--model",
+        model.to_str().unwrap(),
+        pics[0].0,
+    ]);
+    assert!(
+        stderr(&o).contains("--raw needs a 28×28 image"),
+        "{}",
+        stderr(&o)
+    );
+}
