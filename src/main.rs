@@ -8,9 +8,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 use mnistconv::checkpoint::{self, Model};
 use mnistconv::gradcheck;
 use mnistconv::mnist::{self, Dataset, Split};
-use mnistconv::train::{self, EpochStats, Recipe, TrainConfig};
+use mnistconv::train::{self, Event, Recipe, TrainConfig};
 use mnistconv::{Activation, Error, NetConfig, Params, Pooling};
 use serde_json::json;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -221,6 +222,9 @@ struct TrainArgs {
     /// End with one JSON object on stdout (epoch lines go to stderr).
     #[arg(long)]
     json: bool,
+    /// No progress and no epoch lines: only the final summary (or JSON) on stdout.
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(clap::Args)]
@@ -394,7 +398,12 @@ fn cmd_train(a: TrainArgs) -> anyhow::Result<ExitCode> {
             println!("{s}")
         }
     };
-    say(format!(
+    let say_start = |s: String| {
+        if !a.quiet {
+            say(s)
+        }
+    };
+    say_start(format!(
         "training on {} images from {source} ({} for validation{}), recipe {:?}: {} epochs, batch {}, lr {}, momentum {}",
         train_set.len(),
         a.val,
@@ -410,6 +419,10 @@ fn cmd_train(a: TrainArgs) -> anyhow::Result<ExitCode> {
         tc.momentum
     ));
     let mut params = Params::init(&cfg, tc.init, tc.seed);
+    // Progress: a bar on a terminal, a plain line every tenth of an epoch otherwise (both on
+    // stderr), nothing with --quiet. Epoch lines go where `say` puts them.
+    let tty = std::io::stderr().is_terminal();
+    let mut bar: Option<indicatif::ProgressBar> = None;
     let history = train::train(
         &cfg,
         &tc,
@@ -417,22 +430,64 @@ fn cmd_train(a: TrainArgs) -> anyhow::Result<ExitCode> {
         &train_set,
         val_set.as_ref(),
         test.as_ref(),
-        |s: &EpochStats| {
-            let mut line = format!(
-                "epoch {:>2}/{}  loss {:.4}  train {}",
-                s.epoch,
-                tc.epochs,
-                s.train_loss,
-                pct(s.train_accuracy)
-            );
-            if let Some(v) = s.val_accuracy {
-                line += &format!("  val {}", pct(v));
+        |ev: Event| match ev {
+            Event::Step(s) if !a.quiet => {
+                let msg = format!(
+                    "loss {:.4}  acc {}  {:.0} img/s",
+                    s.loss,
+                    pct(s.accuracy),
+                    s.images_per_second
+                );
+                if tty {
+                    let pb = bar.get_or_insert_with(|| {
+                        let pb = indicatif::ProgressBar::new(s.steps as u64);
+                        pb.set_style(
+                            indicatif::ProgressStyle::with_template(
+                                "{prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}",
+                            )
+                            .expect("valid template")
+                            .progress_chars("=> "),
+                        );
+                        pb
+                    });
+                    pb.set_prefix(format!("epoch {}/{}", s.epoch, tc.epochs));
+                    pb.set_position(s.step as u64);
+                    pb.set_message(msg);
+                } else if s.step % (s.steps / 10).max(1) == 0 && s.step < s.steps {
+                    // Images left in the epoch over the epoch's rate so far.
+                    let left = (s.steps - s.step) as f64
+                        * (train_set.len() as f64 / s.steps as f64)
+                        / s.images_per_second.max(1e-9);
+                    eprintln!(
+                        "epoch {}/{}  step {}/{}  {msg}  eta {:.0} s",
+                        s.epoch, tc.epochs, s.step, s.steps, left
+                    );
+                }
             }
-            if let Some(t) = s.test_accuracy {
-                line += &format!("  test {}", pct(t));
+            Event::Step(_) => {}
+            Event::Epoch(s) => {
+                if let Some(pb) = bar.take() {
+                    pb.finish_and_clear();
+                }
+                if a.quiet {
+                    return;
+                }
+                let mut line = format!(
+                    "epoch {:>2}/{}  loss {:.4}  train {}",
+                    s.epoch,
+                    tc.epochs,
+                    s.train_loss,
+                    pct(s.train_accuracy)
+                );
+                if let Some(v) = s.val_accuracy {
+                    line += &format!("  val {}", pct(v));
+                }
+                if let Some(t) = s.test_accuracy {
+                    line += &format!("  test {}", pct(t));
+                }
+                line += &format!("  {:.1} s  {:.0} img/s", s.seconds, s.images_per_second);
+                say(line);
             }
-            line += &format!("  {:.1} s  {:.0} img/s", s.seconds, s.images_per_second);
-            say(line);
         },
     )?;
     let model = Model {

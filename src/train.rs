@@ -207,8 +207,34 @@ fn shift_image(src: &[u8], dst: &mut [u8], side: usize, dy: isize, dx: isize) {
     }
 }
 
-/// Trains `params` in place on `train` and reports each epoch to `on_epoch` (val/test accuracy
-/// are measured at each epoch end when those sets are given). Stops with
+/// Progress within an epoch, reported after every step.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct StepStats {
+    /// 1-based epoch.
+    pub epoch: usize,
+    /// Steps done in this epoch.
+    pub step: usize,
+    /// Steps in an epoch.
+    pub steps: usize,
+    /// Mean loss over this epoch's steps so far.
+    pub loss: f64,
+    /// Training accuracy over this epoch's steps so far.
+    pub accuracy: f64,
+    /// Images per second so far in this epoch.
+    pub images_per_second: f64,
+}
+
+/// What [`train`] reports as it goes.
+#[derive(Clone, Copy, Debug)]
+pub enum Event<'a> {
+    /// A step is done.
+    Step(StepStats),
+    /// An epoch is done (and evaluated).
+    Epoch(&'a EpochStats),
+}
+
+/// Trains `params` in place on `train` and reports each step and each epoch to `on_event`
+/// (val/test accuracy are measured at each epoch end when those sets are given). Stops with
 /// [`Error::Diverged`] if the loss or a weight stops being finite.
 pub fn train(
     cfg: &NetConfig,
@@ -217,7 +243,7 @@ pub fn train(
     train: &Dataset,
     val: Option<&Dataset>,
     test: Option<&Dataset>,
-    mut on_epoch: impl FnMut(&EpochStats) + Send,
+    mut on_event: impl FnMut(Event) + Send,
 ) -> Result<Vec<EpochStats>> {
     cfg.validate()?;
     tc.validate()?;
@@ -306,6 +332,15 @@ pub fn train(
                 lr = tc.lr_at(step, total_steps);
                 sgd_step(params, &grads, &mut mom, lr, tc.momentum, tc.weight_decay);
                 step += 1;
+                let seen = (s * batch + b) as f64;
+                on_event(Event::Step(StepStats {
+                    epoch,
+                    step: s + 1,
+                    steps: steps_per_epoch,
+                    loss: loss_sum / seen,
+                    accuracy: correct as f64 / seen,
+                    images_per_second: seen / t0.elapsed().as_secs_f64().max(1e-9),
+                }));
             }
             let seconds = t0.elapsed().as_secs_f64();
             if let Some(name) = first_non_finite(params) {
@@ -325,7 +360,7 @@ pub fn train(
                 images_per_second: n as f64 / seconds,
                 lr,
             };
-            on_epoch(&stats);
+            on_event(Event::Epoch(&stats));
             history.push(stats);
         }
         Ok(history)

@@ -426,3 +426,46 @@ fn predict_on_pictures() {
         stderr(&o)
     );
 }
+
+/// Without a terminal, progress is a plain line on stderr every tenth of an epoch; --quiet leaves
+/// only the final summary on stdout.
+#[test]
+fn progress_lines_and_quiet() {
+    let d = tmpdir("progress");
+    let m = d.join("m.safetensors");
+    let o = run(&[
+        "train",
+        "--epochs",
+        "1",
+        "--limit",
+        "2000",
+        "--out",
+        m.to_str().unwrap(),
+    ]);
+    assert!(o.status.success());
+    let e = stderr(&o);
+    let lines: Vec<&str> = e.lines().filter(|l| l.contains("step ")).collect();
+    assert!(lines.len() >= 5, "{e}");
+    assert!(
+        lines[0].contains("epoch 1/1") && lines[0].contains("img/s") && lines[0].contains("eta"),
+        "{e}"
+    );
+    assert!(stdout(&o).contains("epoch  1/1"));
+    let o = run(&[
+        "train",
+        "--epochs",
+        "1",
+        "--limit",
+        "2000",
+        "--quiet",
+        "--out",
+        m.to_str().unwrap(),
+    ]);
+    assert!(o.status.success());
+    assert_eq!(stderr(&o), "", "--quiet prints nothing on stderr");
+    let out = stdout(&o);
+    assert!(
+        !out.contains("epoch  1/1") && out.contains("saved"),
+        "{out}"
+    );
+}
