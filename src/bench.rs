@@ -119,7 +119,7 @@ pub fn run(
     let mut params = Params::init(&cfg, Init::He, 1);
     let mut epoch_secs = Vec::new();
     for _ in 0..runs {
-        let h = train::train(&cfg, &tc, &mut params, &set, None, None, |_| {})?;
+        let h = train::train(&cfg, &tc, &mut params, &set, None, None, |_| Ok(()))?;
         epoch_secs.push(h[0].seconds);
     }
     let train_epoch_seconds = median(&mut epoch_secs);

@@ -263,3 +263,215 @@ mod tests {
         assert!(e.contains("fc2.weight") && e.contains("not finite"), "{e}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// training checkpoints (resume)
+
+use crate::train::{EpochStats, TrainConfig, TrainState};
+use std::path::PathBuf;
+
+/// Where a training checkpoint stands, besides the tensors.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Position {
+    epoch: usize,
+    step: usize,
+    loss_sum: f64,
+    correct: usize,
+    seconds: f64,
+}
+
+/// Everything a training checkpoint holds.
+#[derive(Clone, Debug)]
+pub struct TrainCheckpoint {
+    /// The architecture.
+    pub cfg: NetConfig,
+    /// The run's settings.
+    pub tc: TrainConfig,
+    /// Fingerprint of the training data it was made on.
+    pub data: String,
+    /// Weights, momentum, position, history.
+    pub state: TrainState,
+}
+
+fn ckpt_name(state: &TrainState) -> String {
+    format!("ckpt-e{:04}-s{:06}.safetensors", state.epoch, state.step)
+}
+
+/// Saves a training checkpoint into `dir` atomically, then removes all but the two newest.
+/// Returns the file written.
+pub fn save_training(dir: &Path, ck: &TrainCheckpoint) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let s = &ck.state;
+    let mut names: Vec<String> = Vec::new();
+    let mut bytes: Vec<Vec<u8>> = Vec::new();
+    let mut shapes: Vec<Vec<usize>> = Vec::new();
+    for (prefix, p) in [("", &s.params), ("momentum.", &s.mom)] {
+        for (n, t) in p.tensors() {
+            names.push(format!("{prefix}{n}"));
+            shapes.push(tensor_shape(&ck.cfg, n).expect("known tensor"));
+            bytes.push(t.iter().flat_map(|v| v.to_le_bytes()).collect());
+        }
+    }
+    let views: Vec<(String, TensorView)> = names
+        .iter()
+        .zip(&shapes)
+        .zip(&bytes)
+        .map(|((n, sh), b)| {
+            (
+                n.clone(),
+                TensorView::new(Dtype::F32, sh.clone(), b).expect("sizes agree"),
+            )
+        })
+        .collect();
+    let pos = Position {
+        epoch: s.epoch,
+        step: s.step,
+        loss_sum: s.loss_sum,
+        correct: s.correct,
+        seconds: s.seconds,
+    };
+    let json = |v: &dyn erased::Ser| v.to_json();
+    let meta: HashMap<String, String> = [
+        ("format".to_string(), "mnistconv-train".to_string()),
+        ("format_version".to_string(), FORMAT_VERSION.to_string()),
+        ("config".to_string(), json(&ck.cfg)),
+        ("train_config".to_string(), json(&ck.tc)),
+        ("position".to_string(), json(&pos)),
+        ("history".to_string(), json(&s.history)),
+        ("data".to_string(), ck.data.clone()),
+    ]
+    .into();
+    let out = safetensors::serialize(views, Some(meta))
+        .map_err(|e| Error::Data(format!("cannot serialise checkpoint: {e}")))?;
+    let path = dir.join(ckpt_name(s));
+    atomic_write(&path, &out)?;
+    // Keep the two newest complete checkpoints.
+    let mut all = list_training(dir)?;
+    all.sort();
+    for (_, old) in all.iter().rev().skip(2) {
+        let _ = std::fs::remove_file(old);
+    }
+    Ok(path)
+}
+
+/// `ckpt-e…-s….safetensors` files of `dir`, with their (epoch, step).
+fn list_training(dir: &Path) -> Result<Vec<((usize, usize), PathBuf)>> {
+    let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    let mut v = Vec::new();
+    for entry in rd.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name
+            .strip_prefix("ckpt-e")
+            .and_then(|r| r.strip_suffix(".safetensors"))
+        else {
+            continue;
+        };
+        let Some((e, s)) = rest.split_once("-s") else {
+            continue;
+        };
+        if let (Ok(e), Ok(s)) = (e.parse(), s.parse()) {
+            v.push(((e, s), entry.path()));
+        }
+    }
+    Ok(v)
+}
+
+/// Loads the newest training checkpoint of `dir` that reads back whole (a damaged one is skipped,
+/// and named in the returned list of skipped files).
+pub fn load_newest_training(dir: &Path) -> Result<(TrainCheckpoint, PathBuf, Vec<String>)> {
+    let mut all = list_training(dir)?;
+    all.sort();
+    let mut skipped = Vec::new();
+    for (_, path) in all.iter().rev() {
+        match load_training(path) {
+            Ok(ck) => return Ok((ck, path.clone(), skipped)),
+            Err(e) => skipped.push(e.to_string()),
+        }
+    }
+    Err(Error::checkpoint(
+        dir,
+        "no complete training checkpoint (ckpt-e…-s….safetensors) here",
+    ))
+}
+
+/// Loads one training checkpoint.
+pub fn load_training(path: &Path) -> Result<TrainCheckpoint> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bad = |r: String| Error::checkpoint(path, r);
+    let (_, header) = SafeTensors::read_metadata(&bytes)
+        .map_err(|e| bad(format!("not a safetensors checkpoint ({e})")))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| bad(format!("not a safetensors checkpoint ({e})")))?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    if meta.get("format").map(String::as_str) != Some("mnistconv-train") {
+        return Err(bad("not a mnistconv training checkpoint".into()));
+    }
+    let get = |k: &str| {
+        meta.get(k)
+            .ok_or_else(|| bad(format!("metadata lacks {k:?}")))
+    };
+    let parse = |k: &str| -> Result<serde_json::Value> {
+        serde_json::from_str(get(k)?).map_err(|e| bad(format!("metadata {k:?}: {e}")))
+    };
+    let cfg: NetConfig =
+        serde_json::from_value(parse("config")?).map_err(|e| bad(format!("config: {e}")))?;
+    cfg.validate().map_err(|e| bad(format!("config: {e}")))?;
+    let tc: TrainConfig = serde_json::from_value(parse("train_config")?)
+        .map_err(|e| bad(format!("train_config: {e}")))?;
+    let pos: Position =
+        serde_json::from_value(parse("position")?).map_err(|e| bad(format!("position: {e}")))?;
+    let history: Vec<EpochStats> =
+        serde_json::from_value(parse("history")?).map_err(|e| bad(format!("history: {e}")))?;
+    let mut params = Params::<f32>::zeros(&cfg);
+    let mut mom = Params::<f32>::zeros(&cfg);
+    for (prefix, p) in [("", &mut params), ("momentum.", &mut mom)] {
+        for (n, dst) in p.tensors_mut() {
+            let name = format!("{prefix}{n}");
+            let t = st
+                .tensor(&name)
+                .map_err(|_| bad(format!("missing tensor {name:?}")))?;
+            let want = tensor_shape(&cfg, n).expect("known tensor");
+            if t.dtype() != Dtype::F32 || t.shape() != want.as_slice() {
+                return Err(bad(format!(
+                    "tensor {name}: {:?} {:?}, expected F32 {want:?}",
+                    t.dtype(),
+                    t.shape()
+                )));
+            }
+            for (d, c) in dst.iter_mut().zip(t.data().chunks_exact(4)) {
+                *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+            if dst.iter().any(|v| !v.is_finite()) {
+                return Err(bad(format!("tensor {name} is not finite")));
+            }
+        }
+    }
+    let state = TrainState {
+        params,
+        mom,
+        epoch: pos.epoch,
+        step: pos.step,
+        loss_sum: pos.loss_sum,
+        correct: pos.correct,
+        seconds: pos.seconds,
+        history,
+    };
+    Ok(TrainCheckpoint {
+        cfg,
+        tc,
+        data: get("data")?.clone(),
+        state,
+    })
+}
+
+mod erased {
+    /// JSON of anything serialisable, behind a trait object (the metadata map holds strings).
+    pub trait Ser {
+        fn to_json(&self) -> String;
+    }
+    impl<T: serde::Serialize> Ser for T {
+        fn to_json(&self) -> String {
+            serde_json::to_string(self).expect("serialises")
+        }
+    }
+}

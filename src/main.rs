@@ -225,6 +225,16 @@ struct TrainArgs {
     /// No progress and no epoch lines: only the final summary (or JSON) on stdout.
     #[arg(long)]
     quiet: bool,
+    /// Save a resumable checkpoint here at each epoch end (and see --checkpoint-every).
+    #[arg(long)]
+    checkpoint_dir: Option<PathBuf>,
+    /// Also save one every N steps (0: only at epoch ends).
+    #[arg(long, default_value_t = 0)]
+    checkpoint_every: usize,
+    /// Continue from the newest complete checkpoint in DIR (same --data, --limit and --val as
+    /// the run it continues; the network and recipe come from the checkpoint).
+    #[arg(long, value_name = "DIR")]
+    resume: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -326,43 +336,63 @@ fn pct(x: f64) -> String {
 }
 
 fn cmd_train(a: TrainArgs) -> anyhow::Result<ExitCode> {
-    let cfg = NetConfig {
-        n_kernels: a.kernels,
-        ksize: a.ksize,
-        pool: a.pool,
-        hidden: a.hidden,
-        conv_act: a.conv_act.into(),
-        act: a.act.into(),
-        pooling: match a.pooling {
-            PoolArg::Mean => Pooling::Mean,
-            PoolArg::Max => Pooling::Max,
-        },
-        bias: a.bias,
-        ..NetConfig::default()
+    // The run's settings: from the flags, or from the checkpoint being resumed.
+    let resumed = match &a.resume {
+        Some(dir) => {
+            let (ck, path, skipped) = checkpoint::load_newest_training(dir)?;
+            for s in skipped {
+                eprintln!("warning: skipped a damaged checkpoint: {s}");
+            }
+            Some((ck, path))
+        }
+        None => None,
     };
-    cfg.validate()?;
-    let recipe = match a.recipe {
-        RecipeArg::Book => Recipe::Book,
-        RecipeArg::Default => Recipe::Default,
+    let (cfg, mut tc) = match &resumed {
+        Some((ck, _)) => (ck.cfg, ck.tc.clone()),
+        None => {
+            let cfg = NetConfig {
+                n_kernels: a.kernels,
+                ksize: a.ksize,
+                pool: a.pool,
+                hidden: a.hidden,
+                conv_act: a.conv_act.into(),
+                act: a.act.into(),
+                pooling: match a.pooling {
+                    PoolArg::Mean => Pooling::Mean,
+                    PoolArg::Max => Pooling::Max,
+                },
+                bias: a.bias,
+                ..NetConfig::default()
+            };
+            cfg.validate()?;
+            let recipe = match a.recipe {
+                RecipeArg::Book => Recipe::Book,
+                RecipeArg::Default => Recipe::Default,
+            };
+            if recipe == Recipe::Book && a.bias {
+                bail!(
+                    "--recipe book is the document's bias-free network; drop --bias or use --recipe default"
+                );
+            }
+            let mut tc = TrainConfig::for_recipe(recipe);
+            tc.epochs = a.epochs.unwrap_or(tc.epochs);
+            tc.batch = a.batch.unwrap_or(tc.batch);
+            tc.lr = a.lr.unwrap_or(tc.lr);
+            tc.momentum = a.momentum.unwrap_or(tc.momentum);
+            tc.weight_decay = a.weight_decay.unwrap_or(tc.weight_decay);
+            tc.shift = a.shift.unwrap_or(tc.shift);
+            tc.seed = a.seed.unwrap_or(tc.seed);
+            (cfg, tc)
+        }
     };
-    if recipe == Recipe::Book && a.bias {
-        bail!(
-            "--recipe book is the document's bias-free network; drop --bias or use --recipe default"
-        );
-    }
-    let mut tc = TrainConfig::for_recipe(recipe);
-    tc.epochs = a.epochs.unwrap_or(tc.epochs);
-    tc.batch = a.batch.unwrap_or(tc.batch);
-    tc.lr = a.lr.unwrap_or(tc.lr);
-    tc.momentum = a.momentum.unwrap_or(tc.momentum);
-    tc.weight_decay = a.weight_decay.unwrap_or(tc.weight_decay);
-    tc.shift = a.shift.unwrap_or(tc.shift);
-    tc.seed = a.seed.unwrap_or(tc.seed);
-    tc.threads = a.threads.unwrap_or(0);
     if a.threads == Some(0) {
         bail!("--threads must be at least 1 (leave it out to use every core)");
     }
+    tc.threads = a.threads.unwrap_or(0);
     tc.validate()?;
+    if a.checkpoint_every > 0 && a.checkpoint_dir.is_none() && a.resume.is_none() {
+        bail!("--checkpoint-every needs --checkpoint-dir");
+    }
 
     let (mut all, test, source) = load_data(a.data.as_deref())?;
     if let Some(l) = a.limit {
@@ -390,106 +420,146 @@ fn cmd_train(a: TrainArgs) -> anyhow::Result<ExitCode> {
     if let Some(t) = &test {
         t.check_fits(cfg.img, cfg.classes, &format!("{source} (test split)"))?;
     }
+    let fingerprint = format!(
+        "{}; val {}",
+        train_set.fingerprint(),
+        val_set
+            .as_ref()
+            .map(|v| v.fingerprint())
+            .unwrap_or_else(|| "none".into())
+    );
 
     let say = |s: String| {
-        if a.json {
+        if a.quiet {
+        } else if a.json {
             eprintln!("{s}")
         } else {
             println!("{s}")
         }
     };
-    let say_start = |s: String| {
-        if !a.quiet {
-            say(s)
+    let mut state = match resumed {
+        Some((ck, path)) => {
+            if ck.data != fingerprint {
+                bail!(
+                    "{} was made on other training data ({}); give the same --data, --limit and --val as the run it continues ({})",
+                    path.display(),
+                    ck.data,
+                    fingerprint
+                );
+            }
+            say(format!(
+                "resuming from {}: epoch {}, step {} of {} epochs",
+                path.display(),
+                ck.state.epoch,
+                ck.state.step,
+                tc.epochs
+            ));
+            ck.state
+        }
+        None => {
+            say(format!(
+                "training on {} images from {source} ({} for validation{}), recipe {:?}: {} epochs, batch {}, lr {}, momentum {}",
+                train_set.len(),
+                a.val,
+                if test.is_some() {
+                    ", test split present"
+                } else {
+                    ""
+                },
+                tc.recipe,
+                tc.epochs,
+                tc.batch,
+                tc.lr,
+                tc.momentum
+            ));
+            train::TrainState::new(&cfg, Params::init(&cfg, tc.init, tc.seed))
         }
     };
-    say_start(format!(
-        "training on {} images from {source} ({} for validation{}), recipe {:?}: {} epochs, batch {}, lr {}, momentum {}",
-        train_set.len(),
-        a.val,
-        if test.is_some() {
-            ", test split present"
-        } else {
-            ""
-        },
-        recipe,
-        tc.epochs,
-        tc.batch,
-        tc.lr,
-        tc.momentum
-    ));
-    let mut params = Params::init(&cfg, tc.init, tc.seed);
+    let ckpt_dir = a.checkpoint_dir.clone().or_else(|| a.resume.clone());
     // Progress: a bar on a terminal, a plain line every tenth of an epoch otherwise (both on
     // stderr), nothing with --quiet. Epoch lines go where `say` puts them.
     let tty = std::io::stderr().is_terminal();
     let mut bar: Option<indicatif::ProgressBar> = None;
-    let history = train::train(
+    let history = train::train_from(
         &cfg,
         &tc,
-        &mut params,
+        &mut state,
         &train_set,
         val_set.as_ref(),
         test.as_ref(),
-        |ev: Event| match ev {
-            Event::Step(s) if !a.quiet => {
-                let msg = format!(
-                    "loss {:.4}  acc {}  {:.0} img/s",
-                    s.loss,
-                    pct(s.accuracy),
-                    s.images_per_second
-                );
-                if tty {
-                    let pb = bar.get_or_insert_with(|| {
-                        let pb = indicatif::ProgressBar::new(s.steps as u64);
-                        pb.set_style(
-                            indicatif::ProgressStyle::with_template(
-                                "{prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}",
-                            )
-                            .expect("valid template")
-                            .progress_chars("=> "),
-                        );
-                        pb
-                    });
-                    pb.set_prefix(format!("epoch {}/{}", s.epoch, tc.epochs));
-                    pb.set_position(s.step as u64);
-                    pb.set_message(msg);
-                } else if s.step % (s.steps / 10).max(1) == 0 && s.step < s.steps {
-                    // Images left in the epoch over the epoch's rate so far.
-                    let left = (s.steps - s.step) as f64
-                        * (train_set.len() as f64 / s.steps as f64)
-                        / s.images_per_second.max(1e-9);
-                    eprintln!(
-                        "epoch {}/{}  step {}/{}  {msg}  eta {:.0} s",
-                        s.epoch, tc.epochs, s.step, s.steps, left
+        a.checkpoint_every,
+        |ev: Event| {
+            match ev {
+                Event::Step(s) if !a.quiet => {
+                    let msg = format!(
+                        "loss {:.4}  acc {}  {:.0} img/s",
+                        s.loss,
+                        pct(s.accuracy),
+                        s.images_per_second
                     );
+                    if tty {
+                        let pb = bar.get_or_insert_with(|| {
+                            let pb = indicatif::ProgressBar::new(s.steps as u64);
+                            pb.set_style(
+                                indicatif::ProgressStyle::with_template(
+                                    "{prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}",
+                                )
+                                .expect("valid template")
+                                .progress_chars("=> "),
+                            );
+                            pb
+                        });
+                        pb.set_prefix(format!("epoch {}/{}", s.epoch, tc.epochs));
+                        pb.set_position(s.step as u64);
+                        pb.set_message(msg);
+                    } else if s.step % (s.steps / 10).max(1) == 0 && s.step < s.steps {
+                        // Images left in the epoch over the epoch's rate so far.
+                        let left = (s.steps - s.step) as f64
+                            * (train_set.len() as f64 / s.steps as f64)
+                            / s.images_per_second.max(1e-9);
+                        eprintln!(
+                            "epoch {}/{}  step {}/{}  {msg}  eta {:.0} s",
+                            s.epoch, tc.epochs, s.step, s.steps, left
+                        );
+                    }
+                }
+                Event::Step(_) => {}
+                Event::Epoch(s) => {
+                    if let Some(pb) = bar.take() {
+                        pb.finish_and_clear();
+                    }
+                    let mut line = format!(
+                        "epoch {:>2}/{}  loss {:.4}  train {}",
+                        s.epoch,
+                        tc.epochs,
+                        s.train_loss,
+                        pct(s.train_accuracy)
+                    );
+                    if let Some(v) = s.val_accuracy {
+                        line += &format!("  val {}", pct(v));
+                    }
+                    if let Some(t) = s.test_accuracy {
+                        line += &format!("  test {}", pct(t));
+                    }
+                    line += &format!("  {:.1} s  {:.0} img/s", s.seconds, s.images_per_second);
+                    say(line);
+                }
+                Event::Checkpoint(st) => {
+                    if let Some(dir) = &ckpt_dir {
+                        let ck = checkpoint::TrainCheckpoint {
+                            cfg,
+                            tc: tc.clone(),
+                            data: fingerprint.clone(),
+                            state: st.clone(),
+                        };
+                        checkpoint::save_training(dir, &ck)?;
+                    }
                 }
             }
-            Event::Step(_) => {}
-            Event::Epoch(s) => {
-                if let Some(pb) = bar.take() {
-                    pb.finish_and_clear();
-                }
-                if a.quiet {
-                    return;
-                }
-                let mut line = format!(
-                    "epoch {:>2}/{}  loss {:.4}  train {}",
-                    s.epoch,
-                    tc.epochs,
-                    s.train_loss,
-                    pct(s.train_accuracy)
-                );
-                if let Some(v) = s.val_accuracy {
-                    line += &format!("  val {}", pct(v));
-                }
-                if let Some(t) = s.test_accuracy {
-                    line += &format!("  test {}", pct(t));
-                }
-                line += &format!("  {:.1} s  {:.0} img/s", s.seconds, s.images_per_second);
-                say(line);
-            }
+            Ok(())
         },
     )?;
+    let params = state.params;
     let model = Model {
         cfg,
         params,

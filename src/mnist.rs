@@ -63,6 +63,21 @@ impl Dataset {
         }
     }
 
+    /// A fingerprint of the images and labels (FNV-1a, 64 bits), to tell whether a resumed run
+    /// is given the data it started on.
+    pub fn fingerprint(&self) -> String {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for &b in self.images.iter().chain(&self.labels) {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        format!(
+            "{} images {}×{}, fnv1a {h:016x}",
+            self.len(),
+            self.rows,
+            self.cols
+        )
+    }
+
     /// Checks that the data fits a network taking `img×img` images and `classes` classes.
     pub fn check_fits(&self, img: usize, classes: usize, what: &str) -> Result<()> {
         if self.rows != img || self.cols != img {

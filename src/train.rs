@@ -153,7 +153,7 @@ impl TrainConfig {
 }
 
 /// What one epoch measured.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EpochStats {
     /// 1-based epoch number.
     pub epoch: usize,
@@ -224,6 +224,44 @@ pub struct StepStats {
     pub images_per_second: f64,
 }
 
+/// Where a training run stands: enough to continue it exactly (with the same data, config and
+/// seed, a resumed run ends with the same weights, bit for bit, as one never interrupted).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainState {
+    /// The weights.
+    pub params: Params<f32>,
+    /// The momentum buffers `m`.
+    pub mom: Grads<f32>,
+    /// 1-based epoch the next step belongs to.
+    pub epoch: usize,
+    /// Steps of that epoch already done.
+    pub step: usize,
+    /// Sum of the losses of those steps.
+    pub loss_sum: f64,
+    /// Correct predictions of those steps.
+    pub correct: usize,
+    /// Seconds spent in those steps.
+    pub seconds: f64,
+    /// The epochs finished so far.
+    pub history: Vec<EpochStats>,
+}
+
+impl TrainState {
+    /// The start of a run from initial weights.
+    pub fn new(cfg: &NetConfig, params: Params<f32>) -> Self {
+        TrainState {
+            params,
+            mom: Grads::zeros(cfg),
+            epoch: 1,
+            step: 0,
+            loss_sum: 0.0,
+            correct: 0,
+            seconds: 0.0,
+            history: Vec::new(),
+        }
+    }
+}
+
 /// What [`train`] reports as it goes.
 #[derive(Clone, Copy, Debug)]
 pub enum Event<'a> {
@@ -231,11 +269,11 @@ pub enum Event<'a> {
     Step(StepStats),
     /// An epoch is done (and evaluated).
     Epoch(&'a EpochStats),
+    /// A moment to save a checkpoint: after every `checkpoint_every` steps and at each epoch end.
+    Checkpoint(&'a TrainState),
 }
 
-/// Trains `params` in place on `train` and reports each step and each epoch to `on_event`
-/// (val/test accuracy are measured at each epoch end when those sets are given). Stops with
-/// [`Error::Diverged`] if the loss or a weight stops being finite.
+/// Trains `params` in place on `train` from the start; see [`train_from`].
 pub fn train(
     cfg: &NetConfig,
     tc: &TrainConfig,
@@ -243,7 +281,29 @@ pub fn train(
     train: &Dataset,
     val: Option<&Dataset>,
     test: Option<&Dataset>,
-    mut on_event: impl FnMut(Event) + Send,
+    on_event: impl FnMut(Event) -> Result<()> + Send,
+) -> Result<Vec<EpochStats>> {
+    let mut state = TrainState::new(cfg, params.clone());
+    let r = train_from(cfg, tc, &mut state, train, val, test, 0, on_event);
+    *params = state.params;
+    r
+}
+
+/// Continues training from `state` to the end of `tc.epochs`, reporting each step and epoch to
+/// `on_event`, and offering a checkpoint after every `checkpoint_every` steps (0: only at epoch
+/// ends). Val/test accuracy are measured at each epoch end when those sets are given. An error
+/// from `on_event` (e.g. a failed checkpoint write) stops the run. Stops with
+/// [`Error::Diverged`] if the loss or a weight stops being finite. Returns the full history.
+#[allow(clippy::too_many_arguments)]
+pub fn train_from(
+    cfg: &NetConfig,
+    tc: &TrainConfig,
+    state: &mut TrainState,
+    train: &Dataset,
+    val: Option<&Dataset>,
+    test: Option<&Dataset>,
+    checkpoint_every: usize,
+    mut on_event: impl FnMut(Event) -> Result<()> + Send,
 ) -> Result<Vec<EpochStats>> {
     cfg.validate()?;
     tc.validate()?;
@@ -260,16 +320,14 @@ pub fn train(
         let total_steps = steps_per_epoch * tc.epochs;
         let mut ws = Workspace::new(cfg, batch);
         let mut grads = Grads::<f32>::zeros(cfg);
-        let mut mom = Grads::<f32>::zeros(cfg);
         let mut order: Vec<usize> = (0..n).collect();
         let mut bimg = vec![0u8; batch * px];
         let mut blab = vec![0u8; batch];
         let mut shifts = vec![(0isize, 0isize); batch];
         let bidx: Vec<usize> = (0..batch).collect();
-        let mut history = Vec::new();
         let mut eval_ws = Workspace::new(cfg, EVAL_BATCH);
-        let mut step = 0;
-        for epoch in 1..=tc.epochs {
+        while state.epoch <= tc.epochs {
+            let epoch = state.epoch;
             let t0 = Instant::now();
             let mut rng = Pcg64::seed_from_u64(epoch_seed(tc.seed, epoch));
             order.iter_mut().enumerate().for_each(|(i, o)| *o = i);
@@ -279,17 +337,16 @@ pub fn train(
                     order.swap(i, j);
                 }
             }
-            if tc.momentum_reset {
-                for (_, m) in mom.tensors_mut() {
+            if tc.momentum_reset && state.step == 0 {
+                for (_, m) in state.mom.tensors_mut() {
                     m.fill(0.0);
                 }
             }
-            let (mut loss_sum, mut correct) = (0.0f64, 0usize);
             let mut lr = tc.lr;
             for (s, ids) in order.chunks(batch).enumerate() {
                 let b = ids.len();
-                // Form the batch: u8 images, shifted if augmenting. The shifts are drawn in
-                // order from the epoch's generator, then applied in parallel.
+                // The shifts are drawn in order from the epoch's generator, so a resumed run
+                // draws (and discards) those of the steps already done.
                 for (e, &id) in ids.iter().enumerate() {
                     if tc.shift > 0 {
                         let r = tc.shift as i32;
@@ -300,6 +357,10 @@ pub fn train(
                     }
                     blab[e] = train.labels[id];
                 }
+                if s < state.step {
+                    continue;
+                }
+                // Form the batch: u8 images, shifted if augmenting, in parallel.
                 bimg[..b * px]
                     .par_chunks_mut(px)
                     .zip(ids.par_iter().zip(shifts.par_iter()))
@@ -313,7 +374,7 @@ pub fn train(
                     });
                 let st = fast::forward_backward(
                     cfg,
-                    params,
+                    &state.params,
                     &bimg,
                     &blab,
                     &bidx[..b],
@@ -327,23 +388,40 @@ pub fn train(
                         what: format!("the loss became {}", st.loss_sum),
                     });
                 }
-                loss_sum += st.loss_sum;
-                correct += st.correct;
-                lr = tc.lr_at(step, total_steps);
-                sgd_step(params, &grads, &mut mom, lr, tc.momentum, tc.weight_decay);
-                step += 1;
+                let global = (epoch - 1) * steps_per_epoch + s;
+                lr = tc.lr_at(global, total_steps);
+                sgd_step(
+                    &mut state.params,
+                    &grads,
+                    &mut state.mom,
+                    lr,
+                    tc.momentum,
+                    tc.weight_decay,
+                );
+                state.step = s + 1;
+                state.loss_sum += st.loss_sum;
+                state.correct += st.correct;
                 let seen = (s * batch + b) as f64;
+                let seconds = state.seconds + t0.elapsed().as_secs_f64();
                 on_event(Event::Step(StepStats {
                     epoch,
                     step: s + 1,
                     steps: steps_per_epoch,
-                    loss: loss_sum / seen,
-                    accuracy: correct as f64 / seen,
-                    images_per_second: seen / t0.elapsed().as_secs_f64().max(1e-9),
-                }));
+                    loss: state.loss_sum / seen,
+                    accuracy: state.correct as f64 / seen,
+                    images_per_second: seen / seconds.max(1e-9),
+                }))?;
+                if checkpoint_every > 0
+                    && (s + 1) % checkpoint_every == 0
+                    && s + 1 < steps_per_epoch
+                {
+                    let mut snap = state.clone();
+                    snap.seconds = seconds;
+                    on_event(Event::Checkpoint(&snap))?;
+                }
             }
-            let seconds = t0.elapsed().as_secs_f64();
-            if let Some(name) = first_non_finite(params) {
+            let seconds = state.seconds + t0.elapsed().as_secs_f64();
+            if let Some(name) = first_non_finite(&state.params) {
                 return Err(Error::Diverged {
                     epoch,
                     step: steps_per_epoch,
@@ -352,18 +430,26 @@ pub fn train(
             }
             let stats = EpochStats {
                 epoch,
-                train_loss: loss_sum / n as f64,
-                train_accuracy: correct as f64 / n as f64,
-                val_accuracy: val.map(|d| accuracy_in(cfg, params, d, &mut eval_ws)),
-                test_accuracy: test.map(|d| accuracy_in(cfg, params, d, &mut eval_ws)),
+                train_loss: state.loss_sum / n as f64,
+                train_accuracy: state.correct as f64 / n as f64,
+                val_accuracy: val.map(|d| accuracy_in(cfg, &state.params, d, &mut eval_ws)),
+                test_accuracy: test.map(|d| accuracy_in(cfg, &state.params, d, &mut eval_ws)),
                 seconds,
                 images_per_second: n as f64 / seconds,
                 lr,
             };
-            on_event(Event::Epoch(&stats));
-            history.push(stats);
+            state.history.push(stats.clone());
+            (
+                state.epoch,
+                state.step,
+                state.loss_sum,
+                state.correct,
+                state.seconds,
+            ) = (epoch + 1, 0, 0.0, 0, 0.0);
+            on_event(Event::Epoch(&stats))?;
+            on_event(Event::Checkpoint(state))?;
         }
-        Ok(history)
+        Ok(state.history.clone())
     })
 }
 
