@@ -4,7 +4,7 @@
 //! Sequential(conv=Conv2d(1, 20, 9, bias=B), relu, AvgPool2d(2), Flatten(),
 //!            fc1=Linear(2000, 100, bias=B), relu, fc2=Linear(100, 10, bias=B))
 //! ```
-//! (`conv.weight` [20,1,9,9], `fc1.weight` [100,2000], `fc2.weight` [10,100], and the biases
+//! (`conv.weight` `[20,1,9,9]`, `fc1.weight` `[100,2000]`, `fc2.weight` `[10,100]`, and the biases
 //! when present), so that PyTorch's `load_state_dict` takes them as they are. The metadata map
 //! holds `format` = `mnistconv`, `format_version`, and the architecture as JSON under `config`.
 //! A file without that metadata (e.g. saved from PyTorch) is read as the default architecture,

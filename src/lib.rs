@@ -18,7 +18,7 @@
 //! | `w`, `v`, `y` | `w`, `v`, `y` | (10, 100), (10), (10) |
 //! | `∂L/∂·` | `dv`, `dy_m1`, `dw_m1`, `dk`, … | as the tensor |
 //!
-//! Two paths compute the same thing: [`reference`] (f64, one image, loops that read like the
+//! Two paths compute the same thing: [`reference`](mod@reference) (f64, one image, loops that read like the
 //! formulas) and [`fast`] (f32, batched, im2col + GEMM). Tests hold them together, and
 //! [`gradcheck`] holds the reference to finite differences.
 //!
@@ -32,6 +32,36 @@
 //! assert_eq!(b.grads.k.len(), 20 * 9 * 9);
 //! assert!((a.y.iter().sum::<f64>() - 1.0).abs() < 1e-12);
 //! ```
+
+//! ## Data → train → save → load → predict
+//!
+//! ```
+//! use mnistconv::{checkpoint, mnist, train, Model, NetConfig, Params, TrainConfig};
+//!
+//! # fn main() -> mnistconv::Result<()> {
+//! let data = mnist::embedded::train().slice(0..1000); // or mnist::load_split(dir, Split::Train)?
+//! let cfg = NetConfig::default(); // the document's network
+//! let tc = TrainConfig { epochs: 2, ..TrainConfig::default_recipe() };
+//! let mut params = Params::init(&cfg, tc.init, tc.seed);
+//! let history = train::train(&cfg, &tc, &mut params, &data, None, None, |_| Ok(()))?;
+//! assert!(history[1].train_loss < history[0].train_loss);
+//!
+//! let path = std::env::temp_dir().join("mnistconv-doc-example.safetensors");
+//! checkpoint::save(&path, &Model { cfg, params, meta: Default::default() })?;
+//!
+//! let model = checkpoint::load(&path)?;
+//! let test = mnist::embedded::test().slice(0..200);
+//! let predicted = train::predict(&model, &test, 0)?; // class of every image
+//! let eval = train::evaluate(&model, &test, 0)?;      // accuracy, confusion, …
+//! assert_eq!(predicted.len(), 200);
+//! assert!(eval.accuracy > 0.7, "{}", eval.accuracy);
+//! # std::fs::remove_file(&path).ok();
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! `examples/train_and_save.rs` and `examples/predict_pictures.rs` do the same from the command
+//! line.
 
 pub mod bench;
 pub mod checkpoint;
