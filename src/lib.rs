@@ -66,6 +66,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
+pub mod download;
 pub mod error;
 pub mod explain;
 pub mod fast;

@@ -33,6 +33,8 @@ enum Cmd {
     Gradcheck(GradcheckArgs),
     /// Measure training and inference speed, and the machine's GEMM and FMA ceilings.
     Bench(BenchArgs),
+    /// Fetch MNIST or Fashion-MNIST from the usual mirrors, verifying every file's SHA-256.
+    Download(DownloadArgs),
     /// Classify images of a data set by index: top 3 classes with probabilities.
     Predict(PredictArgs),
     /// Walk through the derivation for one image: every factor of the chain rule, its shape,
@@ -94,6 +96,28 @@ struct PredictArgs {
     /// One JSON object per image (with the logits and all probabilities).
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DatasetArg {
+    Mnist,
+    Fashion,
+}
+
+#[derive(clap::Args)]
+struct DownloadArgs {
+    /// Which data set.
+    #[arg(long, value_enum, default_value = "mnist")]
+    dataset: DatasetArg,
+    /// Directory to put the four .gz files in (default: data/mnist or data/fashion-mnist).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// A mirror to use instead of the usual ones (repeat for several; tried in order).
+    #[arg(long)]
+    mirror: Vec<String>,
+    /// Seconds without progress before a mirror is given up.
+    #[arg(long, default_value_t = 30)]
+    timeout: u64,
 }
 
 #[derive(clap::Args)]
@@ -294,6 +318,7 @@ fn hints(e: &anyhow::Error) -> Vec<String> {
     match e.downcast_ref::<Error>() {
         Some(Error::MissingFile { .. }) => vec![
             "MNIST's files are train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz (and t10k-* for the test split)".into(),
+            "to fetch them, with checksums: mnistconv download --dir DIR".into(),
             "Fashion-MNIST: apt-get install dataset-fashion-mnist, then --data /usr/share/datasets/fashion-mnist".into(),
         ],
         _ => vec![],
@@ -308,6 +333,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Bench(a) => cmd_bench(a),
         Cmd::Predict(a) => cmd_predict(a),
         Cmd::Explain(a) => cmd_explain(a),
+        Cmd::Download(a) => cmd_download(a),
     }
 }
 
@@ -973,4 +999,38 @@ fn cmd_explain(a: ExplainArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+fn cmd_download(a: DownloadArgs) -> anyhow::Result<ExitCode> {
+    use mnistconv::download;
+    if a.timeout == 0 {
+        bail!("--timeout must be at least 1 second");
+    }
+    let (files, mirrors, dir) = match a.dataset {
+        DatasetArg::Mnist => (
+            download::mnist_files(),
+            download::mnist_mirrors(),
+            "data/mnist",
+        ),
+        DatasetArg::Fashion => (
+            download::fashion_files(),
+            download::fashion_mirrors(),
+            "data/fashion-mnist",
+        ),
+    };
+    let mirrors = if a.mirror.is_empty() {
+        mirrors
+    } else {
+        a.mirror.clone()
+    };
+    let dir = a.dir.clone().unwrap_or_else(|| PathBuf::from(dir));
+    download::download(
+        &files,
+        &mirrors,
+        &dir,
+        std::time::Duration::from_secs(a.timeout),
+        |l| eprintln!("{l}"),
+    )?;
+    println!("{}: the four files are present and verified", dir.display());
+    Ok(ExitCode::SUCCESS)
 }
