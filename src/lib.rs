@@ -74,6 +74,7 @@ pub mod fsutil;
 pub mod gradcheck;
 pub mod kernels;
 pub mod mnist;
+pub mod onnx;
 pub mod params;
 pub mod preprocess;
 pub mod reference;

@@ -33,6 +33,8 @@ enum Cmd {
     Gradcheck(GradcheckArgs),
     /// Measure training and inference speed, and the machine's GEMM and FMA ceilings.
     Bench(BenchArgs),
+    /// Export a checkpoint as a standard ONNX graph (logits and probabilities).
+    Export(ExportArgs),
     /// Fetch MNIST or Fashion-MNIST from the usual mirrors, verifying every file's SHA-256.
     Download(DownloadArgs),
     /// Classify images of a data set by index: top 3 classes with probabilities.
@@ -96,6 +98,16 @@ struct PredictArgs {
     /// One JSON object per image (with the logits and all probabilities).
     #[arg(long)]
     json: bool,
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    /// Checkpoint to export.
+    #[arg(long)]
+    model: PathBuf,
+    /// Where to write the ONNX file.
+    #[arg(long)]
+    onnx: PathBuf,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -334,6 +346,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Predict(a) => cmd_predict(a),
         Cmd::Explain(a) => cmd_explain(a),
         Cmd::Download(a) => cmd_download(a),
+        Cmd::Export(a) => {
+            let model = checkpoint::load(&a.model)?;
+            mnistconv::onnx::export(&model, &a.onnx)
+                .with_context(|| format!("writing {}", a.onnx.display()))?;
+            println!(
+                "wrote {} from {} (opset 13; input [batch,1,{2},{2}] → logits, probabilities [batch,{3}])",
+                a.onnx.display(),
+                a.model.display(),
+                model.cfg.img,
+                model.cfg.classes
+            );
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -661,7 +686,7 @@ fn cmd_predict(a: PredictArgs) -> anyhow::Result<ExitCode> {
     }
     let model = checkpoint::load(&a.model)?;
     let p64 = model.params.map(f64::from);
-    let report = |name: &str, label: Option<usize>, px: &[f64]| {
+    let report = |name: &str, index: Option<usize>, label: Option<usize>, px: &[f64]| {
         // The f64 reference path: the logits exactly as the formulas give them.
         let act = mnistconv::reference::forward(&model.cfg, &p64, px, label.unwrap_or(0));
         let mut order: Vec<usize> = (0..act.y.len()).collect();
@@ -669,7 +694,7 @@ fn cmd_predict(a: PredictArgs) -> anyhow::Result<ExitCode> {
         if a.json {
             println!(
                 "{}",
-                json!({"image": name, "label": label, "prediction": order[0],
+                json!({"image": name, "index": index, "label": label, "prediction": order[0],
                        "top3": order.iter().take(3).map(|&c| json!({"class": c, "probability": act.y[c]})).collect::<Vec<_>>(),
                        "probabilities": act.y, "logits": act.v})
             );
@@ -696,6 +721,7 @@ fn cmd_predict(a: PredictArgs) -> anyhow::Result<ExitCode> {
             }
             report(
                 &format!("image {i}"),
+                Some(i),
                 Some(usize::from(data.labels[i])),
                 &data.image_f64(i),
             );
@@ -721,6 +747,7 @@ fn cmd_predict(a: PredictArgs) -> anyhow::Result<ExitCode> {
         match px {
             Ok(px) => report(
                 &name,
+                None,
                 None,
                 &px.iter().map(|&v| f64::from(v) / 255.0).collect::<Vec<_>>(),
             ),

@@ -469,3 +469,51 @@ fn progress_lines_and_quiet() {
         "{out}"
     );
 }
+
+#[test]
+fn export_writes_an_onnx_graph_that_decodes() {
+    use prost::Message;
+    let d = tmpdir("onnx");
+    let m = d.join("m.safetensors");
+    assert!(
+        run(&[
+            "train",
+            "--epochs",
+            "1",
+            "--limit",
+            "300",
+            "--bias",
+            "--quiet",
+            "--out",
+            m.to_str().unwrap()
+        ])
+        .status
+        .success()
+    );
+    let onnx = d.join("m.onnx");
+    let o = run(&[
+        "export",
+        "--model",
+        m.to_str().unwrap(),
+        "--onnx",
+        onnx.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let g = mnistconv::onnx::ModelProto::decode(&std::fs::read(&onnx).unwrap()[..])
+        .unwrap()
+        .graph
+        .unwrap();
+    assert_eq!(
+        g.output.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(),
+        ["logits", "probabilities"]
+    );
+    assert_eq!(g.initializer.len(), 6);
+    let o = run(&[
+        "export",
+        "--model",
+        "/nonexistent.safetensors",
+        "--onnx",
+        onnx.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+}
