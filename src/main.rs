@@ -382,6 +382,20 @@ fn load_data(dir: Option<&Path>) -> anyhow::Result<(Dataset, Option<Dataset>, St
     })
 }
 
+/// Fashion-MNIST's class names, by label.
+const FASHION_CLASSES: [&str; 10] = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+];
+
 fn pct(x: f64) -> String {
     format!("{:.2}%", 100.0 * x)
 }
@@ -446,6 +460,17 @@ fn cmd_train(a: TrainArgs) -> anyhow::Result<ExitCode> {
     }
 
     let (mut all, test, source) = load_data(a.data.as_deref())?;
+    // Fashion-MNIST is recognised by its training labels (the IDX content's SHA-256), so that
+    // `predict` can name its classes.
+    let class_names = {
+        use sha2::Digest;
+        let h: String = sha2::Sha256::digest(mnist::write_labels(&all.labels))
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        (h == mnistconv::download::fashion_files()[1].sha256_raw)
+            .then(|| FASHION_CLASSES.map(String::from).to_vec())
+    };
     if let Some(l) = a.limit {
         if l == 0 {
             bail!("--limit must be at least 1");
@@ -611,18 +636,21 @@ fn cmd_train(a: TrainArgs) -> anyhow::Result<ExitCode> {
         },
     )?;
     let params = state.params;
-    let model = Model {
-        cfg,
-        params,
-        meta: [
-            (
-                "recipe".to_string(),
-                serde_json::to_string(&tc).expect("serialises"),
-            ),
-            ("data".to_string(), source.clone()),
-        ]
-        .into(),
-    };
+    let mut meta: std::collections::HashMap<String, String> = [
+        (
+            "recipe".to_string(),
+            serde_json::to_string(&tc).expect("serialises"),
+        ),
+        ("data".to_string(), source.clone()),
+    ]
+    .into();
+    if let Some(names) = &class_names {
+        meta.insert(
+            "class_names".into(),
+            serde_json::to_string(names).expect("serialises"),
+        );
+    }
+    let model = Model { cfg, params, meta };
     checkpoint::save(&a.out, &model)
         .with_context(|| format!("saving the model to {}", a.out.display()))?;
     let last = history.last().expect("at least one epoch");
@@ -686,6 +714,18 @@ fn cmd_predict(a: PredictArgs) -> anyhow::Result<ExitCode> {
     }
     let model = checkpoint::load(&a.model)?;
     let p64 = model.params.map(f64::from);
+    // Class names when the checkpoint has them (e.g. trained on Fashion-MNIST).
+    let names: Option<Vec<String>> = model
+        .meta
+        .get("class_names")
+        .and_then(|s| serde_json::from_str(s).ok());
+    let cname = |c: usize| {
+        names
+            .as_ref()
+            .and_then(|n| n.get(c))
+            .map(|s| format!(" {s}"))
+            .unwrap_or_default()
+    };
     let report = |name: &str, index: Option<usize>, label: Option<usize>, px: &[f64]| {
         // The f64 reference path: the logits exactly as the formulas give them.
         let act = mnistconv::reference::forward(&model.cfg, &p64, px, label.unwrap_or(0));
@@ -695,16 +735,19 @@ fn cmd_predict(a: PredictArgs) -> anyhow::Result<ExitCode> {
             println!(
                 "{}",
                 json!({"image": name, "index": index, "label": label, "prediction": order[0],
-                       "top3": order.iter().take(3).map(|&c| json!({"class": c, "probability": act.y[c]})).collect::<Vec<_>>(),
+                       "class_name": names.as_ref().and_then(|n| n.get(order[0])),
+                       "top3": order.iter().take(3).map(|&c| json!({"class": c, "name": names.as_ref().and_then(|n| n.get(c)), "probability": act.y[c]})).collect::<Vec<_>>(),
                        "probabilities": act.y, "logits": act.v})
             );
         } else {
             let top: Vec<String> = order
                 .iter()
                 .take(3)
-                .map(|&c| format!("{c} ({})", pct(act.y[c])))
+                .map(|&c| format!("{c}{} ({})", cname(c), pct(act.y[c])))
                 .collect();
-            let label = label.map(|l| format!(" (label {l})")).unwrap_or_default();
+            let label = label
+                .map(|l| format!(" (label {l}{})", cname(l)))
+                .unwrap_or_default();
             println!("{name}{label}: {}", top.join("  "));
         }
     };

@@ -517,3 +517,57 @@ fn export_writes_an_onnx_graph_that_decodes() {
     ]);
     assert_eq!(o.status.code(), Some(2));
 }
+
+/// A checkpoint that names its classes (as training on Fashion-MNIST writes one) has `predict`
+/// name them; where Debian's Fashion-MNIST is installed, training on it is recognised.
+#[test]
+fn class_names_from_the_checkpoint() {
+    let d = tmpdir("names");
+    let cfg = mnistconv::NetConfig::default();
+    let names: Vec<String> = (0..10).map(|i| format!("class{i}")).collect();
+    let model = mnistconv::Model {
+        cfg,
+        params: mnistconv::Params::init(&cfg, mnistconv::Init::He, 1),
+        meta: [(
+            "class_names".to_string(),
+            serde_json::to_string(&names).unwrap(),
+        )]
+        .into(),
+    };
+    let m = d.join("m.safetensors");
+    mnistconv::checkpoint::save(&m, &model).unwrap();
+    let o = run(&["predict", "--model", m.to_str().unwrap(), "--index", "0"]);
+    assert!(stdout(&o).contains("(label 6 class6)"), "{}", stdout(&o));
+    let fashion = std::path::Path::new("/usr/share/datasets/fashion-mnist");
+    if fashion.exists() {
+        let o = run(&[
+            "train",
+            "--data",
+            fashion.to_str().unwrap(),
+            "--epochs",
+            "1",
+            "--limit",
+            "500",
+            "--quiet",
+            "--out",
+            m.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let o = run(&[
+            "predict",
+            "--model",
+            m.to_str().unwrap(),
+            "--data",
+            fashion.to_str().unwrap(),
+            "--index",
+            "0",
+        ]);
+        assert!(
+            stdout(&o).contains("(label 9 Ankle boot)"),
+            "{}",
+            stdout(&o)
+        );
+    } else {
+        eprintln!("Fashion-MNIST not installed: its recognition is not exercised here");
+    }
+}
