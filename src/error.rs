@@ -7,13 +7,10 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// An operating-system error on a file.
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// An operating-system error on a file. (Its message includes the OS error's, so it is not
+    /// also given as a `source`: a chained display would say it twice.)
+    #[error("{}: {err}", path.display())]
+    Io { path: PathBuf, err: std::io::Error },
     /// A malformed IDX file (MNIST's format).
     #[error("{}: {reason}", path.display())]
     Idx { path: PathBuf, reason: String },
@@ -55,10 +52,10 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(path: impl Into<PathBuf>, err: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            err,
         }
     }
     pub(crate) fn idx(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {

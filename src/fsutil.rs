@@ -8,6 +8,24 @@ use std::path::Path;
 /// disk (fsync), then renamed over `path`. On any error the temporary file is removed and
 /// whatever `path` held before is untouched.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    // A path that names something other than a regular file (a device such as /dev/full or
+    // /dev/stdout, a pipe) is written in place: renaming over it would replace the device.
+    if let Ok(m) = std::fs::metadata(path) {
+        if m.is_dir() {
+            return Err(Error::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a directory"),
+            ));
+        }
+        if !m.is_file() {
+            let r = (|| {
+                let mut f = std::fs::OpenOptions::new().write(true).open(path)?;
+                f.write_all(bytes)?;
+                f.flush()
+            })();
+            return r.map_err(|e| Error::io(path, e));
+        }
+    }
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -57,5 +75,27 @@ mod tests {
             .to_string();
         assert!(e.contains("missing"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A device is written in place, never replaced: /dev/full reports "no space", and stays
+    /// a device.
+    #[test]
+    fn a_full_device_reports_the_error_and_stays_a_device() {
+        let full = Path::new("/dev/full");
+        if !full.exists() {
+            return;
+        }
+        let e = atomic_write(full, &[0u8; 1 << 16]).unwrap_err().to_string();
+        assert!(
+            e.contains("/dev/full") && e.to_lowercase().contains("space"),
+            "{e}"
+        );
+        use std::os::unix::fs::FileTypeExt;
+        assert!(
+            std::fs::metadata(full)
+                .unwrap()
+                .file_type()
+                .is_char_device()
+        );
     }
 }

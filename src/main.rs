@@ -651,8 +651,8 @@ fn cmd_train(a: TrainArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let model = Model { cfg, params, meta };
-    checkpoint::save(&a.out, &model)
-        .with_context(|| format!("saving the model to {}", a.out.display()))?;
+    // (the error names the file)
+    checkpoint::save(&a.out, &model)?;
     let last = history.last().expect("at least one epoch");
     let train_seconds: f64 = history.iter().map(|s| s.seconds).sum();
     let ips = (train_set.len() * history.len()) as f64 / train_seconds;

@@ -571,3 +571,49 @@ fn class_names_from_the_checkpoint() {
         eprintln!("Fashion-MNIST not installed: its recognition is not exercised here");
     }
 }
+
+/// A learning rate that blows the weights up stops the run with exit 1, naming the epoch and
+/// step and suggesting a lower rate; no model is written. A write to a full device reports it.
+#[test]
+fn divergence_and_a_full_disk_are_reported() {
+    let d = tmpdir("diverge");
+    let out = d.join("m.safetensors");
+    let o = run(&[
+        "train",
+        "--lr",
+        "1000",
+        "--epochs",
+        "1",
+        "--limit",
+        "500",
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains("diverged at epoch 1, step") && e.contains("--lr"),
+        "{e}"
+    );
+    assert!(!out.exists());
+    if std::path::Path::new("/dev/full").exists() {
+        let o = run(&[
+            "train",
+            "--epochs",
+            "1",
+            "--limit",
+            "200",
+            "--quiet",
+            "--out",
+            "/dev/full",
+        ]);
+        assert_eq!(o.status.code(), Some(2));
+        let e = stderr(&o);
+        assert!(
+            e.contains("/dev/full") && e.contains("No space left"),
+            "{e}"
+        );
+        assert_eq!(e.trim().lines().count(), 1, "one line: {e}");
+    }
+}
