@@ -77,7 +77,9 @@ fn malformed_idx_files() {
     let mut corrupt_gz = gz(&good_img);
     let mid = corrupt_gz.len() / 2;
     corrupt_gz[mid..mid + 8].copy_from_slice(&[0xff; 8]);
-    let cases: Vec<(&str, Vec<u8>, Vec<u8>, Vec<&str>)> = vec![
+    // (name, images file, labels file, what the error line must say)
+    type Case<'a> = (&'a str, Vec<u8>, Vec<u8>, Vec<&'a str>);
+    let cases: Vec<Case> = vec![
         (
             "empty",
             vec![],
