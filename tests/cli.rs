@@ -377,7 +377,10 @@ fn predict_on_pictures() {
     let e = stderr(&o);
     assert!(!e.contains("panicked"), "{e}");
     assert!(e.contains("blank.png: blank image"), "{e}");
-    assert!(e.contains("not_an_image.png: not a readable image"), "{e}");
+    assert!(
+        e.contains("not_an_image.png: not an image this tool reads"),
+        "{e}"
+    );
     assert!(
         e.contains("huge.png: the image is 9000×2, larger than"),
         "{e}"
