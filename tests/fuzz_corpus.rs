@@ -56,17 +56,19 @@ fn checkpoint_load_property() {
 fn preprocess_property() {
     let mut normalised = 0;
     for data in seeds("preprocess") {
-        if let Ok(img) = gray_from_bytes(&data, "seed") {
-            if let Ok(px) = mnist_normalize(&img, "seed") {
-                normalised += 1;
-                assert_eq!(px.len(), 784);
-                if let Some((r, c)) = center_of_mass(&px, 28) {
-                    assert!(
-                        (r - 13.5).abs() <= 6.5 && (c - 13.5).abs() <= 6.5,
-                        "{r} {c}"
-                    );
-                }
-            }
+        let Ok(img) = gray_from_bytes(&data, "seed") else {
+            continue;
+        };
+        let Ok(px) = mnist_normalize(&img, "seed") else {
+            continue;
+        };
+        normalised += 1;
+        assert_eq!(px.len(), 784);
+        if let Some((r, c)) = center_of_mass(&px, 28) {
+            assert!(
+                (r - 13.5).abs() <= 6.5 && (c - 13.5).abs() <= 6.5,
+                "{r} {c}"
+            );
         }
     }
     assert!(normalised >= 4);
