@@ -101,13 +101,18 @@ pub fn fashion_mirrors() -> Vec<String> {
 /// The most a file may weigh (the largest is 26 MB).
 const MAX_BYTES: u64 = 64 << 20;
 
+/// SHA-256 of `bytes`, as lower-case hex (the form the hashes above are in).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(Sha256::digest(bytes))
+}
+
 fn hex(d: impl AsRef<[u8]>) -> String {
     d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Whether `bytes` are the file `spec` names: by the `.gz` hash, or by the decompressed content's.
 pub fn verify(spec: &FileSpec, bytes: &[u8]) -> bool {
-    if hex(Sha256::digest(bytes)) == spec.sha256_gz {
+    if sha256_hex(bytes) == spec.sha256_gz {
         return true;
     }
     let mut raw = Sha256::new();

@@ -65,6 +65,21 @@ pub fn backend() -> Backend {
     })
 }
 
+/// Handles a product with nothing to multiply (`m`, `n` or `k` zero): with `k = 0`, `C = A·B` is
+/// zero (or, accumulating, unchanged). Returns whether it was such a product.
+fn empty_product(m: usize, n: usize, k: usize, c: &mut [f32], ldc: usize, acc: bool) -> bool {
+    if m == 0 || n == 0 {
+        return true;
+    }
+    if k == 0 {
+        if !acc {
+            (0..m).for_each(|i| c[i * ldc..i * ldc + n].fill(0.0));
+        }
+        return true;
+    }
+    false
+}
+
 /// Panics unless every index the product touches lies inside its slice and C's rows do not overlap.
 #[allow(clippy::too_many_arguments)]
 fn check_nn(
@@ -191,13 +206,7 @@ pub fn gemm_nn_on(
     acc: bool,
 ) {
     check_nn(m, n, k, a, ars, acs, b, ldb, c, ldc);
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !acc {
-            (0..m).for_each(|i| c[i * ldc..i * ldc + n].fill(0.0));
-        }
+    if empty_product(m, n, k, c, ldc, acc) {
         return;
     }
     match be {
@@ -286,13 +295,7 @@ pub fn gemm_nt_on(
     acc: bool,
 ) {
     check_nt(m, n, k, a, lda, b, ldb, c, ldc);
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !acc {
-            (0..m).for_each(|i| c[i * ldc..i * ldc + n].fill(0.0));
-        }
+    if empty_product(m, n, k, c, ldc, acc) {
         return;
     }
     match be {

@@ -463,12 +463,8 @@ fn cmd_train(a: TrainArgs) -> anyhow::Result<ExitCode> {
     // Fashion-MNIST is recognised by its training labels (the IDX content's SHA-256), so that
     // `predict` can name its classes.
     let class_names = {
-        use sha2::Digest;
-        let h: String = sha2::Sha256::digest(mnist::write_labels(&all.labels))
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        (h == mnistconv::download::fashion_files()[1].sha256_raw)
+        use mnistconv::download::{fashion_files, sha256_hex};
+        (sha256_hex(&mnist::write_labels(&all.labels)) == fashion_files()[1].sha256_raw)
             .then(|| FASHION_CLASSES.map(String::from).to_vec())
     };
     if let Some(l) = a.limit {
