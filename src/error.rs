@@ -46,6 +46,9 @@ pub enum Error {
     /// Data that does not fit the model (image size, label range).
     #[error("{0}")]
     Data(String),
+    /// Another file the tool reads (e.g. a metrics file) that is malformed.
+    #[error("{}: {msg}", path.display())]
+    Format { path: PathBuf, msg: String },
 }
 
 /// The library's result type.

@@ -79,6 +79,7 @@ pub mod params;
 pub mod preprocess;
 pub mod reference;
 pub mod train;
+pub mod viz;
 
 pub use checkpoint::Model;
 pub use config::{Activation, NetConfig, Pooling};

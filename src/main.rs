@@ -42,6 +42,45 @@ enum Cmd {
     /// Walk through the derivation for one image: every factor of the chain rule, its shape,
     /// norm and first values, each checked against finite differences (f64 reference path).
     Explain(ExplainArgs),
+    /// Draw what the network learned and computes, as PNG files: kernels.png, feature_maps.png,
+    /// backprop_maps.png, confusion.png, errors.png (with --model) and training.png (with --metrics).
+    Viz(VizArgs),
+}
+
+#[derive(clap::Args)]
+struct VizArgs {
+    /// Checkpoint to draw (kernels, maps for one image, confusion matrix and errors).
+    #[arg(long, required_unless_present = "metrics")]
+    model: Option<PathBuf>,
+    /// Data directory for the image and the scored split (default: the embedded sample).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Which files to score and take the image from: t10k-* (test) or train-*.
+    #[arg(long, value_enum, default_value = "test")]
+    split: SplitArg,
+    /// Use the last N images of the train-* files instead (the validation split of
+    /// `train --val N`).
+    #[arg(long, conflicts_with = "split")]
+    val: Option<usize>,
+    /// Index (in the chosen split) of the image whose maps are drawn.
+    #[arg(long, default_value_t = 0)]
+    index: usize,
+    /// Draw the maps for this picture (PNG or JPEG, normalised as `predict` does) instead.
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// Target class for the backward pass (default: the image's label, or for --image the
+    /// predicted class).
+    #[arg(long)]
+    label: Option<usize>,
+    /// Metrics written by `train --metrics`: draws training.png.
+    #[arg(long)]
+    metrics: Option<PathBuf>,
+    /// Directory to write the pictures into (created if missing).
+    #[arg(long)]
+    out: PathBuf,
+    /// Worker threads for scoring (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 #[derive(clap::Args)]
@@ -61,7 +100,11 @@ struct ExplainArgs {
     /// Image index.
     #[arg(long, default_value_t = 0)]
     index: usize,
-    /// Target class (default: the image's label).
+    /// Explain this picture (PNG or JPEG, normalised as `predict` does) instead of a data-set
+    /// image.
+    #[arg(long, conflicts_with_all = ["data", "index"])]
+    image: Option<PathBuf>,
+    /// Target class (default: the image's label, or for --image the predicted class).
     #[arg(long)]
     label: Option<usize>,
     /// Coordinates checked per factor.
@@ -271,6 +314,15 @@ struct TrainArgs {
     /// the run it continues; the network and recipe come from the checkpoint).
     #[arg(long, value_name = "DIR")]
     resume: Option<PathBuf>,
+    /// Write one JSON line per epoch here (epoch, loss, accuracies, seconds, learning rate),
+    /// rewritten atomically after each epoch; `viz --metrics FILE` draws it.
+    #[arg(long)]
+    metrics: Option<PathBuf>,
+    /// At the end, draw kernels.png, feature_maps.png, backprop_maps.png, training.png,
+    /// confusion.png and errors.png into DIR (scored on the test split, else the validation
+    /// split, else the training images).
+    #[arg(long, value_name = "DIR")]
+    plots: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -306,6 +358,20 @@ struct GradcheckArgs {
 }
 
 fn main() -> ExitCode {
+    // A reader that stops early (`mnistconv … | head`) closes the pipe; Rust's print macros
+    // then panic. Leave quietly instead, as a tool killed by SIGPIPE would (status 141).
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .unwrap_or("");
+        if msg.starts_with("failed printing to std") && msg.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default_hook(info);
+    }));
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -345,6 +411,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Bench(a) => cmd_bench(a),
         Cmd::Predict(a) => cmd_predict(a),
         Cmd::Explain(a) => cmd_explain(a),
+        Cmd::Viz(a) => cmd_viz(a),
         Cmd::Download(a) => cmd_download(a),
         Cmd::Export(a) => {
             let model = checkpoint::load(&a.model)?;
@@ -552,6 +619,8 @@ fn cmd_train(a: TrainArgs) -> anyhow::Result<ExitCode> {
     // stderr), nothing with --quiet. Epoch lines go where `say` puts them.
     let tty = std::io::stderr().is_terminal();
     let mut bar: Option<indicatif::ProgressBar> = None;
+    // Every epoch so far (a resumed run's included), for --metrics.
+    let mut metrics = state.history.clone();
     let history = train::train_from(
         &cfg,
         &tc,
@@ -599,6 +668,13 @@ fn cmd_train(a: TrainArgs) -> anyhow::Result<ExitCode> {
                 Event::Epoch(s) => {
                     if let Some(pb) = bar.take() {
                         pb.finish_and_clear();
+                    }
+                    if let Some(path) = &a.metrics {
+                        metrics.push(s.clone());
+                        mnistconv::fsutil::atomic_write(
+                            path,
+                            mnistconv::viz::metrics_lines(&metrics).as_bytes(),
+                        )?;
                     }
                     let mut line = format!(
                         "epoch {:>2}/{}  loss {:.4}  train {}",
@@ -649,6 +725,27 @@ fn cmd_train(a: TrainArgs) -> anyhow::Result<ExitCode> {
     let model = Model { cfg, params, meta };
     // (the error names the file)
     checkpoint::save(&a.out, &model)?;
+    if let Some(dir) = &a.plots {
+        let (eval, what) = match (&test, &val_set) {
+            (Some(t), _) => (t, "test split"),
+            (None, Some(v)) => (v, "validation split"),
+            (None, None) => (&train_set, "training images"),
+        };
+        let label = usize::from(eval.labels[0]);
+        let t = mnistconv::explain::trace(&cfg, &model.params.map(f64::from), &eval.image_f64(0), label, 1, 1);
+        let caption = format!("image 0 of the {what} ({source}), label {label}, model {}", a.out.display());
+        let files = mnistconv::viz::write_all(
+            dir,
+            &mnistconv::viz::Pictures {
+                model: &model,
+                trace: Some((&t, caption)),
+                eval: Some((eval, format!("{} images of the {what} ({source})", eval.len()))),
+                history: Some((&history, format!("{} epochs on {} images from {source}, recipe {:?}", history.len(), train_set.len(), tc.recipe))),
+                threads: tc.threads,
+            },
+        )?;
+        say(format!("pictures: {}", files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")));
+    }
     let last = history.last().expect("at least one epoch");
     let train_seconds: f64 = history.iter().map(|s| s.seconds).sum();
     let ips = (train_set.len() * history.len()) as f64 / train_seconds;
@@ -967,20 +1064,16 @@ fn cmd_explain(a: ExplainArgs) -> anyhow::Result<ExitCode> {
             )
         }
     };
-    let (data, source) = split_data(&a.data, a.split)?;
-    data.check_fits(cfg.img, cfg.classes, &source)?;
-    if a.index >= data.len() {
-        bail!("--index {}: {source} has {} images", a.index, data.len());
-    }
-    let label = a.label.unwrap_or(usize::from(data.labels[a.index]));
-    if label >= cfg.classes {
-        bail!("--label {label}: the model has {} classes", cfg.classes);
-    }
     if a.samples == 0 {
         bail!("--samples must be at least 1");
     }
     let p64 = params.map(f64::from);
-    let t = mnistconv::explain::trace(&cfg, &p64, &data.image_f64(a.index), label, a.samples, 1);
+    let pick = match &a.image {
+        Some(path) => Pick::Picture(path),
+        None => Pick::Index(split_data(&a.data, a.split)?, a.index),
+    };
+    let (x, label, source) = chosen_image(&cfg, &p64, pick, a.label)?;
+    let t = mnistconv::explain::trace(&cfg, &p64, &x, label, a.samples, 1);
     if let Some(out) = &a.out {
         t.save(out)
             .with_context(|| format!("writing the trace to {}", out.display()))?;
@@ -989,7 +1082,7 @@ fn cmd_explain(a: ExplainArgs) -> anyhow::Result<ExitCode> {
     if a.json {
         println!(
             "{}",
-            json!({"image": a.index, "label": label, "loss": t.acts.loss, "y": t.acts.y, "v": t.acts.v,
+            json!({"image": source, "index": a.image.is_none().then_some(a.index), "label": label, "loss": t.acts.loss, "y": t.acts.y, "v": t.acts.v,
                    "factors": t.factors, "passed": ok})
         );
         return Ok(if ok {
@@ -1000,10 +1093,7 @@ fn cmd_explain(a: ExplainArgs) -> anyhow::Result<ExitCode> {
     }
     let mut order: Vec<usize> = (0..t.acts.y.len()).collect();
     order.sort_by(|&x, &y| t.acts.y[y].total_cmp(&t.acts.y[x]));
-    println!(
-        "image {} of {source}, target d = e_{label}, weights: {what}",
-        a.index
-    );
+    println!("{source}, target d = e_{label}, weights: {what}");
     println!(
         "forward: x {0}×{0} → conv_pre, y⁽⁻³⁾ {1}×{2}×{2} → y⁽⁻²⁾ {1}×{3}×{3} → v⁽⁻¹⁾, y⁽⁻¹⁾ {4} → v, y {5}",
         cfg.img,
@@ -1065,6 +1155,136 @@ fn cmd_explain(a: ExplainArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// Where the image to explain or draw comes from.
+enum Pick<'a> {
+    /// A picture file, normalised as `predict` does.
+    Picture(&'a Path),
+    /// An image of a data set (with its description), by index.
+    Index((Dataset, String), usize),
+}
+
+/// The image's pixels in [0, 1], the target class (`label`, else the data set's label, else
+/// the predicted class) and a description of the image.
+fn chosen_image(
+    cfg: &NetConfig,
+    p64: &Params<f64>,
+    pick: Pick,
+    label: Option<usize>,
+) -> anyhow::Result<(Vec<f64>, usize, String)> {
+    let (x, known, what) = match pick {
+        Pick::Picture(path) => {
+            if cfg.img != 28 {
+                bail!(
+                    "pictures are normalised to 28×28; this model takes {0}×{0}",
+                    cfg.img
+                );
+            }
+            let name = path.display().to_string();
+            let px = mnistconv::preprocess::read_gray(path)
+                .and_then(|g| mnistconv::preprocess::mnist_normalize(&g, &name))?;
+            let x: Vec<f64> = px.iter().map(|&v| f64::from(v) / 255.0).collect();
+            (x, None, name)
+        }
+        Pick::Index((data, source), i) => {
+            data.check_fits(cfg.img, cfg.classes, &source)?;
+            if i >= data.len() {
+                bail!("--index {i}: {source} has {} images", data.len());
+            }
+            let l = usize::from(data.labels[i]);
+            (
+                data.image_f64(i),
+                Some(l),
+                format!("image {i} of {source} (label {l})"),
+            )
+        }
+    };
+    let label = match label.or(known) {
+        Some(l) => l,
+        None => {
+            let y = mnistconv::reference::forward(cfg, p64, &x, 0).y;
+            (0..y.len()).max_by(|&a, &b| y[a].total_cmp(&y[b])).unwrap_or(0)
+        }
+    };
+    if label >= cfg.classes {
+        bail!("--label {label}: the model has {} classes", cfg.classes);
+    }
+    Ok((x, label, what))
+}
+
+fn cmd_viz(a: VizArgs) -> anyhow::Result<ExitCode> {
+    use mnistconv::viz;
+    if a.threads == Some(0) {
+        bail!("--threads must be at least 1 (leave it out to use every core)");
+    }
+    let history = match &a.metrics {
+        Some(m) => Some(viz::read_metrics(m)?),
+        None => None,
+    };
+    let mut files = Vec::new();
+    match &a.model {
+        Some(path) => {
+            let model = checkpoint::load(path)?;
+            let p64 = model.params.map(f64::from);
+            let (data, source) = match a.val {
+                Some(0) => bail!("--val must be at least 1"),
+                Some(n) => {
+                    let (all, source) = split_data(&a.data, SplitArg::Train)?;
+                    if n > all.len() {
+                        bail!("--val {n}: {source} has {} training images", all.len());
+                    }
+                    let from = all.len() - n;
+                    (
+                        all.slice(from..all.len()),
+                        format!("the last {n} training images of {source}"),
+                    )
+                }
+                None => split_data(&a.data, a.split)?,
+            };
+            data.check_fits(model.cfg.img, model.cfg.classes, &source)?;
+            let pick = match &a.image {
+                Some(p) => Pick::Picture(p),
+                None => Pick::Index((data.clone(), source.clone()), a.index),
+            };
+            let (x, label, what) = chosen_image(&model.cfg, &p64, pick, a.label)?;
+            let t = mnistconv::explain::trace(&model.cfg, &p64, &x, label, 1, 1);
+            let caption = format!("{what}, target {label}, model {}", path.display());
+            let metrics_caption = a
+                .metrics
+                .as_ref()
+                .map(|m| m.display().to_string())
+                .unwrap_or_default();
+            files = viz::write_all(
+                &a.out,
+                &viz::Pictures {
+                    model: &model,
+                    trace: Some((&t, caption)),
+                    eval: Some((&data, format!("{} images: {source}", data.len()))),
+                    history: history.as_deref().map(|h| (h, metrics_caption)),
+                    threads: a.threads.unwrap_or(0),
+                },
+            )?;
+        }
+        None => {
+            if let Some(h) = &history {
+                std::fs::create_dir_all(&a.out)
+                    .with_context(|| format!("creating {}", a.out.display()))?;
+                let path = a.out.join("training.png");
+                let caption = a
+                    .metrics
+                    .as_ref()
+                    .map(|m| m.display().to_string())
+                    .unwrap_or_default();
+                viz::training(h, &caption).save(&path)?;
+                files.push(path);
+            }
+        }
+    }
+    for f in files {
+        println!("wrote {}", f.display());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn cmd_download(a: DownloadArgs) -> anyhow::Result<ExitCode> {
