@@ -609,11 +609,17 @@ fn ticks(lo: f64, hi: f64, n: usize) -> Vec<f64> {
         .map(|m| m * mag)
         .find(|&s| s >= raw)
         .unwrap_or(10.0 * mag);
-    let mut t = (lo / step).ceil() * step;
+    // Multiples of the step, rounded to its decimals (so 3 × 0.2 is 0.6).
+    let decimals = (-step.log10().floor()).max(0.0) as usize + 1;
+    let first = (lo / step - 1e-9).ceil() as i64;
     let mut out = Vec::new();
-    while t <= hi + step * 1e-9 {
-        out.push(if t.abs() < step * 1e-9 { 0.0 } else { t });
-        t += step;
+    for i in first.. {
+        let v = i as f64 * step;
+        if v > hi + step * 1e-9 {
+            break;
+        }
+        let v: f64 = format!("{v:.decimals$}").parse().unwrap_or(v);
+        out.push(if v == 0.0 { 0.0 } else { v });
     }
     out
 }
@@ -947,4 +953,76 @@ pub fn metrics_lines(history: &[EpochStats]) -> String {
         .iter()
         .map(|s| serde_json::to_string(s).unwrap_or_default() + "\n")
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colour_scales() {
+        assert_eq!(diverging(0.0, 1.0), WHITE);
+        assert_eq!(diverging(1.0, 1.0), POS);
+        assert_eq!(diverging(-1.0, 1.0), NEG);
+        assert_eq!(diverging(-5.0, 1.0), NEG, "clamped");
+        assert_eq!(sequential(0.0, 2.0), WHITE);
+        assert_eq!(ink(1.0), BLACK);
+        assert_eq!(ink(0.0), WHITE);
+    }
+
+    /// Each kernel weight is drawn as a square of its colour on the shared scale, where the
+    /// layout says: the centre of cell (r, c) of kernel i has colour diverging(k, max |k|).
+    #[test]
+    fn kernels_show_the_weights_where_the_layout_puts_them() {
+        let cfg = NetConfig::default();
+        let p = Params::init(&cfg, crate::Init::He, 3);
+        let cv = kernels(&cfg, &p);
+        let k: Vec<f64> = p.k.iter().map(|&v| f64::from(v)).collect();
+        let lim = max_abs(&k);
+        let ks = cfg.ksize;
+        let cell = (108 / ks as i64).max(4);
+        let per_row = 5;
+        let (gx, gy) = (ks as i64 * cell + 12, ks as i64 * cell + 22);
+        for i in [0, 7, 19] {
+            for (r, c) in [(0, 0), (4, 5), (8, 8)] {
+                let x = 20 + (i % per_row) as i64 * gx + c as i64 * cell + cell / 2;
+                let y = 64 + (i / per_row) as i64 * gy + 11 + r as i64 * cell + cell / 2;
+                let px = cv.img.get_pixel(x as u32, y as u32).0;
+                assert_eq!(px, diverging(k[i * ks * ks + r * ks + c], lim), "kernel {i} ({r},{c})");
+            }
+        }
+    }
+
+    #[test]
+    fn ticks_are_round_and_cover_the_range() {
+        assert_eq!(ticks(0.0, 1.0, 5), vec![0.0, 0.2, 0.4, 0.6, 0.8, 1.0]);
+        assert_eq!(ticks(90.0, 100.0, 6), vec![90.0, 92.0, 94.0, 96.0, 98.0, 100.0]);
+        assert_eq!(ticks(1.0, 40.0, 8), vec![5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 35.0, 40.0]);
+    }
+
+    #[test]
+    fn metrics_round_trip_and_refuse_garbage() {
+        let h = vec![EpochStats {
+            epoch: 1,
+            train_loss: 0.5,
+            train_accuracy: 0.9,
+            val_accuracy: Some(0.95),
+            test_accuracy: None,
+            seconds: 1.5,
+            images_per_second: 4e4,
+            lr: 0.05,
+        }];
+        let d = std::env::temp_dir().join(format!("mnistconv-viz-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join("m.jsonl");
+        std::fs::write(&p, metrics_lines(&h)).unwrap();
+        assert_eq!(read_metrics(&p).unwrap(), h);
+        std::fs::write(&p, "").unwrap();
+        assert!(read_metrics(&p).unwrap_err().to_string().contains("no epochs"));
+        std::fs::write(&p, "not json\n").unwrap();
+        assert!(read_metrics(&p).unwrap_err().to_string().contains("line 1"));
+        // One epoch, or none correct: still a picture, no panic.
+        training(&h, "one epoch").png().unwrap();
+        let _ = std::fs::remove_dir_all(&d);
+    }
 }
