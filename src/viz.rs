@@ -151,6 +151,28 @@ impl Canvas {
         }
     }
 
+    /// Text wrapped at spaces (or cut, for a long word) to lines of at most `width` pixels,
+    /// 10 pixels apart, at most `max_lines` of them.
+    pub fn text_wrapped(&mut self, x: i64, y: i64, s: &str, width: i64, max_lines: usize, c: Rgb) {
+        let per_line = (width / 8).max(1) as usize;
+        let mut lines: Vec<String> = vec![String::new()];
+        for word in s.split(' ') {
+            let cur = lines.last_mut().expect("one line");
+            if !cur.is_empty() && cur.chars().count() + 1 + word.chars().count() > per_line {
+                lines.push(String::new());
+            }
+            let cur = lines.last_mut().expect("one line");
+            if !cur.is_empty() {
+                cur.push(' ');
+            }
+            cur.push_str(word);
+        }
+        for (i, l) in lines.iter().take(max_lines).enumerate() {
+            let l: String = l.chars().take(per_line).collect();
+            self.text(x, y + 10 * i as i64, &l, 1, c);
+        }
+    }
+
     /// Text centred horizontally on `cx`.
     pub fn text_centred(&mut self, cx: i64, y: i64, s: &str, scale: u32, c: Rgb) {
         self.text(cx - text_width(s, scale) / 2, y, s, scale, c);
@@ -368,10 +390,10 @@ pub fn feature_maps(t: &Trace, caption: &str) -> Canvas {
         + 50;
     let mut cv = Canvas::new(w as u32, h as u32);
     cv.text(20, 14, "forward pass", 2, BLACK);
-    cv.text(20, 36, caption, 1, BLACK);
+    cv.text_wrapped(20, 36, caption, w - 40, 2, BLACK);
 
     // Input, hidden activations, output.
-    let top = 60;
+    let top = 64;
     let icell = (168 / img as i64).max(1);
     cv.text(20, top, &format!("input x ({img}x{img})"), 1, BLACK);
     cv.map(20, top + 12, &t.acts.x, (img, img), icell, ink);
@@ -511,9 +533,9 @@ pub fn backprop_maps(t: &Trace, p: &Params<f64>, caption: &str) -> Canvas {
         + 60;
     let mut cv = Canvas::new(w as u32, h as u32);
     cv.text(20, 14, "backward pass", 2, BLACK);
-    cv.text(20, 36, caption, 1, BLACK);
+    cv.text_wrapped(20, 36, caption, w - 40, 2, BLACK);
     let label = argmax(&t.acts.d);
-    let mut y = 60;
+    let mut y = 64;
     cv.text(
         20,
         y,
@@ -836,22 +858,17 @@ pub fn errors(
     let (pw, ph) = (data.cols as i64 * scale, data.rows as i64 * scale);
     let (gx, gy) = ((pw + 16).max(if names.is_some() { 120 } else { 0 }), ph + 40);
     let rows = (shown.len().div_ceil(per_row as usize) as i64).max(1);
-    let w = 40 + per_row * gx;
+    let title = format!(
+        "{caption}: {} of {} wrong, the first {} shown; under each: true -> predicted",
+        wrong.len(),
+        data.len().min(pred.len()),
+        shown.len()
+    );
+    let w = (40 + per_row * gx).max(text_width(&title, 1) + 40);
     let h = 70 + rows * gy + 10;
     let mut cv = Canvas::new(w as u32, h as u32);
     cv.text(20, 12, "misclassified images", 2, BLACK);
-    cv.text(
-        20,
-        34,
-        &format!(
-            "{caption}: {} of {} wrong, the first {} shown; under each: true -> predicted",
-            wrong.len(),
-            data.len().min(pred.len()),
-            shown.len()
-        ),
-        1,
-        BLACK,
-    );
+    cv.text(20, 34, &title, 1, BLACK);
     for (j, &i) in shown.iter().enumerate() {
         let (r, c) = (j as i64 / per_row, j as i64 % per_row);
         let (x, y) = (20 + c * gx, 60 + r * gy);
