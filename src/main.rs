@@ -732,19 +732,47 @@ fn cmd_train(a: TrainArgs) -> anyhow::Result<ExitCode> {
             (None, None) => (&train_set, "training images"),
         };
         let label = usize::from(eval.labels[0]);
-        let t = mnistconv::explain::trace(&cfg, &model.params.map(f64::from), &eval.image_f64(0), label, 1, 1);
-        let caption = format!("image 0 of the {what} ({source}), label {label}, model {}", a.out.display());
+        let t = mnistconv::explain::trace(
+            &cfg,
+            &model.params.map(f64::from),
+            &eval.image_f64(0),
+            label,
+            1,
+            1,
+        );
+        let caption = format!(
+            "image 0 of the {what} ({source}), label {label}, model {}",
+            a.out.display()
+        );
         let files = mnistconv::viz::write_all(
             dir,
             &mnistconv::viz::Pictures {
                 model: &model,
                 trace: Some((&t, caption)),
-                eval: Some((eval, format!("{} images of the {what} ({source})", eval.len()))),
-                history: Some((&history, format!("{} epochs on {} images from {source}, recipe {:?}", history.len(), train_set.len(), tc.recipe))),
+                eval: Some((
+                    eval,
+                    format!("{} images of the {what} ({source})", eval.len()),
+                )),
+                history: Some((
+                    &history,
+                    format!(
+                        "{} epochs on {} images from {source}, recipe {:?}",
+                        history.len(),
+                        train_set.len(),
+                        tc.recipe
+                    ),
+                )),
                 threads: tc.threads,
             },
         )?;
-        say(format!("pictures: {}", files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")));
+        say(format!(
+            "pictures: {}",
+            files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
     }
     let last = history.last().expect("at least one epoch");
     let train_seconds: f64 = history.iter().map(|s| s.seconds).sum();
@@ -1204,7 +1232,9 @@ fn chosen_image(
         Some(l) => l,
         None => {
             let y = mnistconv::reference::forward(cfg, p64, &x, 0).y;
-            (0..y.len()).max_by(|&a, &b| y[a].total_cmp(&y[b])).unwrap_or(0)
+            (0..y.len())
+                .max_by(|&a, &b| y[a].total_cmp(&y[b]))
+                .unwrap_or(0)
         }
     };
     if label >= cfg.classes {

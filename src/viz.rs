@@ -67,7 +67,8 @@ pub fn ink(v: f64) -> Rgb {
 
 /// Largest absolute value (0 for an empty or all-zero slice; NaNs ignored).
 fn max_abs(v: &[f64]) -> f64 {
-    v.iter().fold(0.0, |m, x| if x.abs() > m { x.abs() } else { m })
+    v.iter()
+        .fold(0.0, |m, x| if x.abs() > m { x.abs() } else { m })
 }
 
 /// A picture being drawn: an RGB image with clipped drawing primitives.
@@ -250,7 +251,11 @@ impl Canvas {
                 } else {
                     0
                 };
-                let (from, l) = if len >= 0 { (mid, len) } else { (mid + len, -len) };
+                let (from, l) = if len >= 0 {
+                    (mid, len)
+                } else {
+                    (mid + len, -len)
+                };
                 self.rect(from, yy + 2, l, h - 4, if len >= 0 { POS } else { NEG });
                 self.rect(mid, yy, 1, h, GREY);
             } else {
@@ -402,13 +407,7 @@ pub fn feature_maps(t: &Trace, caption: &str) -> Canvas {
     let hc = (hidden as f64).sqrt().ceil() as usize;
     let hr = hidden.div_ceil(hc);
     let hcell = (168 / hc.max(hr) as i64).max(2);
-    cv.text(
-        hx,
-        top,
-        &format!("y(-1) = φ(v(-1)) ({hidden})"),
-        1,
-        BLACK,
-    );
+    cv.text(hx, top, &format!("y(-1) = φ(v(-1)) ({hidden})"), 1, BLACK);
     let hl = max_abs(&t.acts.y_m1);
     let hsigned = t.acts.y_m1.iter().any(|&v| v < 0.0);
     cv.map(hx, top + 12, &t.acts.y_m1, (hr, hc), hcell, |v| {
@@ -418,7 +417,13 @@ pub fn feature_maps(t: &Trace, caption: &str) -> Canvas {
             sequential(v, hl)
         }
     });
-    cv.colour_bar(hx, top + 12 + hr as i64 * hcell + 8, hc as i64 * hcell, hl, hsigned);
+    cv.colour_bar(
+        hx,
+        top + 12 + hr as i64 * hcell + 8,
+        hc as i64 * hcell,
+        hl,
+        hsigned,
+    );
     let ox = hx + hc as i64 * hcell + 60;
     let pred = argmax(&t.acts.y);
     cv.text(
@@ -587,7 +592,7 @@ pub fn backprop_maps(t: &Trace, p: &Params<f64>, caption: &str) -> Canvas {
 
     let k = &p.k;
     let gk = &t.back.grads.k;
-    let (kl, gl) = (max_abs(&k), max_abs(gk));
+    let (kl, gl) = (max_abs(k), max_abs(gk));
     cv.text(
         20,
         y,
@@ -601,14 +606,16 @@ pub fn backprop_maps(t: &Trace, p: &Params<f64>, caption: &str) -> Canvas {
     let kk = ks * ks;
     for i in 0..n {
         let (r, col) = ((i / pairs_per_row) as i64, (i % pairs_per_row) as i64);
-        let (px, py) = (
-            20 + col * (pair_w + 16),
-            y + r * (ks as i64 * kcell + 22),
-        );
+        let (px, py) = (20 + col * (pair_w + 16), y + r * (ks as i64 * kcell + 22));
         cv.text(px, py, &format!("k{0}  dL/dk{0}", i + 1), 1, BLACK);
-        cv.map(px, py + 11, &k[i * kk..(i + 1) * kk], (ks, ks), kcell, |v| {
-            diverging(v, kl)
-        });
+        cv.map(
+            px,
+            py + 11,
+            &k[i * kk..(i + 1) * kk],
+            (ks, ks),
+            kcell,
+            |v| diverging(v, kl),
+        );
         cv.map(
             px + ks as i64 * kcell + 8,
             py + 11,
@@ -657,6 +664,9 @@ fn fmt_tick(v: f64) -> String {
     }
 }
 
+/// A named line of (x, y) points in a colour.
+type Series<'a> = (&'a str, Rgb, Vec<(f64, f64)>);
+
 /// One line chart with axes, ticks, labels and a legend. `series`: (name, colour, points).
 #[allow(clippy::too_many_arguments)]
 fn chart(
@@ -667,7 +677,7 @@ fn chart(
     ylabel: &str,
     xmax: f64,
     (ylo, yhi): (f64, f64),
-    series: &[(&str, Rgb, Vec<(f64, f64)>)],
+    series: &[Series],
     legend_at_bottom: bool,
 ) {
     let (l, r, t, b) = (x + 60, x + w - 10, y + 30, y + h - 40);
@@ -713,7 +723,10 @@ fn chart(
         .unwrap_or(0)
         + 36;
     let lh = series.len() as i64 * 14 + 8;
-    let (lx, ly) = (r - lw - 8, if legend_at_bottom { b - lh - 8 } else { t + 8 });
+    let (lx, ly) = (
+        r - lw - 8,
+        if legend_at_bottom { b - lh - 8 } else { t + 8 },
+    );
     cv.rect(lx, ly, lw, series.len() as i64 * 14 + 8, WHITE);
     cv.frame(lx, ly, lw, series.len() as i64 * 14 + 8, GREY);
     for (i, (name, colour, _)) in series.iter().enumerate() {
@@ -784,10 +797,11 @@ pub fn training(history: &[EpochStats], caption: &str) -> Canvas {
 pub fn confusion(ev: &Evaluation, names: Option<&[String]>, caption: &str) -> Canvas {
     let k = ev.confusion.len();
     let cell = 52i64;
-    let left = 20 + names
-        .map(|n| n.iter().map(|s| text_width(s, 1)).max().unwrap_or(0) + 30)
-        .unwrap_or(30)
-        .max(60);
+    let left = 20
+        + names
+            .map(|n| n.iter().map(|s| text_width(s, 1)).max().unwrap_or(0) + 30)
+            .unwrap_or(30)
+            .max(60);
     let top = 90;
     let title = format!(
         "{caption}: accuracy {:.2}% of {}",
@@ -799,7 +813,13 @@ pub fn confusion(ev: &Evaluation, names: Option<&[String]>, caption: &str) -> Ca
     let mut cv = Canvas::new(w.max(560) as u32, h as u32);
     cv.text(20, 12, "confusion matrix", 2, BLACK);
     cv.text(20, 34, &title, 1, BLACK);
-    cv.text_centred(left + k as i64 * cell / 2, top - 34, "predicted class", 1, BLACK);
+    cv.text_centred(
+        left + k as i64 * cell / 2,
+        top - 34,
+        "predicted class",
+        1,
+        BLACK,
+    );
     cv.text(20, top - 34, "true class", 1, BLACK);
     for (t, row) in ev.confusion.iter().enumerate() {
         let sum: u64 = row.iter().sum();
@@ -815,7 +835,11 @@ pub fn confusion(ev: &Evaluation, names: Option<&[String]>, caption: &str) -> Ca
                 diverging(share.sqrt().min(1.0), 1.0)
             };
             cv.rect(xx, yy, cell, cell, colour);
-            let dark = if t == p { share > 0.5 } else { share.sqrt() > 0.6 };
+            let dark = if t == p {
+                share > 0.5
+            } else {
+                share.sqrt() > 0.6
+            };
             cv.text_centred(
                 xx + cell / 2,
                 yy + cell / 2 - 4,
@@ -827,7 +851,13 @@ pub fn confusion(ev: &Evaluation, names: Option<&[String]>, caption: &str) -> Ca
         }
     }
     for p in 0..k {
-        cv.text_centred(left + p as i64 * cell + cell / 2, top - 14, &p.to_string(), 1, BLACK);
+        cv.text_centred(
+            left + p as i64 * cell + cell / 2,
+            top - 14,
+            &p.to_string(),
+            1,
+            BLACK,
+        );
     }
     cv.frame(left, top, k as i64 * cell + 1, k as i64 * cell + 1, GREY);
     cv.text(
@@ -856,7 +886,10 @@ pub fn errors(
     let per_row = 10i64;
     let scale = (84 / data.cols.max(1) as i64).max(1);
     let (pw, ph) = (data.cols as i64 * scale, data.rows as i64 * scale);
-    let (gx, gy) = ((pw + 16).max(if names.is_some() { 120 } else { 0 }), ph + 40);
+    let (gx, gy) = (
+        (pw + 16).max(if names.is_some() { 120 } else { 0 }),
+        ph + 40,
+    );
     let rows = (shown.len().div_ceil(per_row as usize) as i64).max(1);
     let title = format!(
         "{caption}: {} of {} wrong, the first {} shown; under each: true -> predicted",
@@ -872,18 +905,34 @@ pub fn errors(
     for (j, &i) in shown.iter().enumerate() {
         let (r, c) = (j as i64 / per_row, j as i64 % per_row);
         let (x, y) = (20 + c * gx, 60 + r * gy);
-        let px: Vec<f64> = data.image(i).iter().map(|&v| f64::from(v) / 255.0).collect();
+        let px: Vec<f64> = data
+            .image(i)
+            .iter()
+            .map(|&v| f64::from(v) / 255.0)
+            .collect();
         cv.map(x, y, &px, (data.rows, data.cols), scale, ink);
         let t = usize::from(data.labels[i]);
         let short = |c: usize| match names.and_then(|n| n.get(c)) {
             Some(s) => s.chars().take(7).collect::<String>(),
             None => c.to_string(),
         };
-        cv.text(x, y + ph + 4, &format!("{} -> {}", short(t), short(pred[i])), 1, BLACK);
+        cv.text(
+            x,
+            y + ph + 4,
+            &format!("{} -> {}", short(t), short(pred[i])),
+            1,
+            BLACK,
+        );
         cv.text(x, y + ph + 16, &format!("#{i}"), 1, GREY);
     }
     if shown.is_empty() {
-        cv.text(20, 70, "(none: every image was classified correctly)", 1, BLACK);
+        cv.text(
+            20,
+            70,
+            "(none: every image was classified correctly)",
+            1,
+            BLACK,
+        );
     }
     cv
 }
@@ -933,7 +982,10 @@ pub fn write_all(dir: &Path, what: &Pictures) -> Result<Vec<std::path::PathBuf>>
         let pred = crate::train::predict(what.model, data, what.threads)?;
         let ev = crate::train::evaluation(what.model.cfg.classes, &pred, &data.labels);
         put("confusion.png", confusion(&ev, names.as_deref(), caption))?;
-        put("errors.png", errors(data, &pred, names.as_deref(), 60, caption))?;
+        put(
+            "errors.png",
+            errors(data, &pred, names.as_deref(), 60, caption),
+        )?;
     }
     if let Some((h, caption)) = &what.history {
         put("training.png", training(h, caption))?;
@@ -1005,7 +1057,11 @@ mod tests {
                 let x = 20 + (i % per_row) as i64 * gx + c as i64 * cell + cell / 2;
                 let y = 64 + (i / per_row) as i64 * gy + 11 + r as i64 * cell + cell / 2;
                 let px = cv.img.get_pixel(x as u32, y as u32).0;
-                assert_eq!(px, diverging(k[i * ks * ks + r * ks + c], lim), "kernel {i} ({r},{c})");
+                assert_eq!(
+                    px,
+                    diverging(k[i * ks * ks + r * ks + c], lim),
+                    "kernel {i} ({r},{c})"
+                );
             }
         }
     }
@@ -1013,8 +1069,14 @@ mod tests {
     #[test]
     fn ticks_are_round_and_cover_the_range() {
         assert_eq!(ticks(0.0, 1.0, 5), vec![0.0, 0.2, 0.4, 0.6, 0.8, 1.0]);
-        assert_eq!(ticks(90.0, 100.0, 6), vec![90.0, 92.0, 94.0, 96.0, 98.0, 100.0]);
-        assert_eq!(ticks(1.0, 40.0, 8), vec![5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 35.0, 40.0]);
+        assert_eq!(
+            ticks(90.0, 100.0, 6),
+            vec![90.0, 92.0, 94.0, 96.0, 98.0, 100.0]
+        );
+        assert_eq!(
+            ticks(1.0, 40.0, 8),
+            vec![5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 35.0, 40.0]
+        );
     }
 
     #[test]
@@ -1035,7 +1097,12 @@ mod tests {
         std::fs::write(&p, metrics_lines(&h)).unwrap();
         assert_eq!(read_metrics(&p).unwrap(), h);
         std::fs::write(&p, "").unwrap();
-        assert!(read_metrics(&p).unwrap_err().to_string().contains("no epochs"));
+        assert!(
+            read_metrics(&p)
+                .unwrap_err()
+                .to_string()
+                .contains("no epochs")
+        );
         std::fs::write(&p, "not json\n").unwrap();
         assert!(read_metrics(&p).unwrap_err().to_string().contains("line 1"));
         // One epoch, or none correct: still a picture, no panic.

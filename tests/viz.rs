@@ -170,7 +170,11 @@ fn train_writes_metrics_and_plots_and_viz_redraws_them() {
     let b = image::open(plots.join("backprop_maps.png"))
         .unwrap()
         .to_rgb8();
-    assert_ne!(a.as_raw(), b.as_raw(), "another image, another backward pass");
+    assert_ne!(
+        a.as_raw(),
+        b.as_raw(),
+        "another image, another backward pass"
+    );
 }
 
 #[test]
@@ -203,7 +207,12 @@ fn explain_takes_a_picture() {
     assert_eq!(j["passed"], true);
     // Without --label the target is the predicted class: a 7, as `predict` says.
     assert_eq!(j["label"], 7, "{j}");
-    assert!(j["image"].as_str().unwrap().ends_with("seven_dark_on_light.jpg"));
+    assert!(
+        j["image"]
+            .as_str()
+            .unwrap()
+            .ends_with("seven_dark_on_light.jpg")
+    );
     assert!(trace.exists());
     // The same preprocessing as `predict`: the traced input is predict's input.
     let o = run(&[
@@ -231,7 +240,13 @@ fn explain_takes_a_picture() {
             "not_an_image.png: not an image",
         ),
         (
-            vec!["explain", "--image", "tests/images/nine_small_off_centre.png", "--index", "3"],
+            vec![
+                "explain",
+                "--image",
+                "tests/images/nine_small_off_centre.png",
+                "--index",
+                "3",
+            ],
             "cannot be used with",
         ),
     ] {
@@ -256,7 +271,10 @@ fn viz_refuses_bad_metrics_and_missing_arguments() {
     ]);
     assert_eq!(o.status.code(), Some(2));
     let e = stderr(&o);
-    assert!(e.contains("metrics.jsonl: line 1: not an epoch's metrics"), "{e}");
+    assert!(
+        e.contains("metrics.jsonl: line 1: not an epoch's metrics"),
+        "{e}"
+    );
     assert!(!d.join("o").exists(), "nothing written");
 
     // Neither a model nor metrics: a usage error.
