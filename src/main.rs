@@ -404,6 +404,12 @@ fn cmd_train(a: TrainArgs) -> anyhow::Result<ExitCode> {
     // The run's settings: from the flags, or from the checkpoint being resumed.
     let resumed = match &a.resume {
         Some(dir) => {
+            for t in checkpoint::remove_unfinished(dir)? {
+                eprintln!(
+                    "note: removed {}, a checkpoint whose writing never finished",
+                    t.display()
+                );
+            }
             let (ck, path, skipped) = checkpoint::load_newest_training(dir)?;
             for s in skipped {
                 eprintln!("warning: skipped a damaged checkpoint: {s}");
