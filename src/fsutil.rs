@@ -33,15 +33,7 @@ pub(crate) fn atomic_write_with(path: &Path, bytes: &[u8], at: &dyn Fn(&str)) ->
             return r.map_err(|e| Error::io(path, e));
         }
     }
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}{TEMP_INFIX}{}", std::process::id()));
+    let (dir, tmp) = temp_path(path);
     let result = (|| {
         at("before-temp");
         let mut f = std::fs::File::create(&tmp)?;
@@ -63,6 +55,49 @@ pub(crate) fn atomic_write_with(path: &Path, bytes: &[u8], at: &dyn Fn(&str)) ->
         let _ = std::fs::remove_file(&tmp);
         Error::io(path, e)
     })
+}
+
+/// The directory of `path`, and the temporary file [`atomic_write`] writes there.
+fn temp_path(path: &Path) -> (&Path, std::path::PathBuf) {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}{TEMP_INFIX}{}", std::process::id()));
+    (dir, tmp)
+}
+
+/// Checks, before a long computation, that [`atomic_write`] could write `path`, by creating
+/// and removing the temporary file it would use (a device or other non-regular file, written in
+/// place, is not checked). The error names `path`, as [`atomic_write`]'s would.
+pub fn check_writable(path: &Path) -> Result<()> {
+    if let Ok(m) = std::fs::metadata(path) {
+        if m.is_dir() {
+            return Err(Error::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a directory"),
+            ));
+        }
+        if !m.is_file() {
+            return Ok(());
+        }
+    }
+    let (_, tmp) = temp_path(path);
+    std::fs::File::create(&tmp).map_err(|e| Error::io(path, e))?;
+    std::fs::remove_file(&tmp).map_err(|e| Error::io(&tmp, e))
+}
+
+/// Creates `dir` if needed and checks that files can be written in it (as [`check_writable`]);
+/// the error names `dir`.
+pub fn check_writable_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let probe = dir.join(format!(".write-check{TEMP_INFIX}{}", std::process::id()));
+    std::fs::File::create(&probe).map_err(|e| Error::io(dir, e))?;
+    std::fs::remove_file(&probe).map_err(|e| Error::io(&probe, e))
 }
 
 /// A temporary file of [`atomic_write`] is `.NAME.tmpPID` beside `NAME`.

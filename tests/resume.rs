@@ -308,7 +308,10 @@ fn killed_during_a_checkpoint_write_then_resumed_equals_uninterrupted() {
             assert!(len > 0, "{what}: half written, not empty");
             for n in &done {
                 let whole = std::fs::metadata(ck.join(n)).unwrap().len();
-                assert!(len < whole, "{what}: {len} bytes is not part of a checkpoint");
+                assert!(
+                    len < whole,
+                    "{what}: {len} bytes is not part of a checkpoint"
+                );
             }
         }
 
