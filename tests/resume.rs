@@ -233,8 +233,9 @@ fn killed_during_a_checkpoint_write_then_resumed_equals_uninterrupted() {
         Partial,
         Whole,
     }
-    // (stage, write number, complete checkpoints left by the kill, temporary file, resumed from)
-    let cases: [(&str, usize, &[usize], Temp, Option<usize>); 7] = [
+    /// (stage, write number, complete checkpoints left by the kill, temporary file, resumed from)
+    type Case = (&'static str, usize, &'static [usize], Temp, Option<usize>);
+    let cases: [Case; 7] = [
         ("before-temp", 5, &[3, 4], Temp::None, Some(4)),
         ("mid-temp", 5, &[3, 4], Temp::Partial, Some(4)),
         ("before-rename", 4, &[2, 3], Temp::Whole, Some(3)),
