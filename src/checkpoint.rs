@@ -12,7 +12,7 @@
 
 use crate::config::NetConfig;
 use crate::error::{Error, Result};
-use crate::fsutil::atomic_write;
+use crate::fsutil::{atomic_write, atomic_write_with, fault_pause};
 use crate::params::{Params, tensor_shape};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use std::collections::HashMap;
@@ -244,6 +244,36 @@ mod tests {
         assert!(e.contains("metadata"), "{e}");
     }
 
+    /// Resuming removes the temporary files of unfinished checkpoint writes, and nothing else.
+    #[test]
+    fn remove_unfinished_takes_only_checkpoint_temporaries() {
+        let dir = std::env::temp_dir().join(format!("mnistconv-unfinished-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let names = [
+            ".ckpt-e0002-s000003.safetensors.tmp4242", // removed
+            ".ckpt-e0003-s000000.safetensors.tmp7",    // removed
+            "ckpt-e0002-s000000.safetensors",
+            ".model.safetensors.tmp99",
+            ".ckpt-e0002-s000003.safetensors.tmpx",
+            "notes.txt",
+        ];
+        for n in names {
+            std::fs::write(dir.join(n), b"x").unwrap();
+        }
+        let removed = remove_unfinished(&dir).unwrap();
+        assert_eq!(removed, vec![dir.join(names[0]), dir.join(names[1])]);
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        let mut want: Vec<String> = names[2..].iter().map(|s| s.to_string()).collect();
+        want.sort();
+        assert_eq!(left, want);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn refuses_garbage_and_nan() {
         let e = from_bytes(b"hello world, not safetensors", Path::new("g"))
@@ -344,7 +374,13 @@ pub fn save_training(dir: &Path, ck: &TrainCheckpoint) -> Result<PathBuf> {
     let out = safetensors::serialize(views, Some(meta))
         .map_err(|e| Error::Data(format!("cannot serialise checkpoint: {e}")))?;
     let path = dir.join(ckpt_name(s));
-    atomic_write(&path, &out)?;
+    // (The fault-injection hook of the tests that kill a run mid-write; inert unless
+    // MNISTCONV_FAULT_PAUSE is set: see `fsutil::fault_pause`.)
+    static WRITES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let write = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+    let at = |stage: &str| fault_pause(stage, write);
+    atomic_write_with(&path, &out, &at)?;
+    at("after-rename-before-prune");
     // Keep the two newest complete checkpoints.
     let mut all = list_training(dir)?;
     all.sort();
@@ -374,6 +410,27 @@ fn list_training(dir: &Path) -> Result<Vec<((usize, usize), PathBuf)>> {
         }
     }
     Ok(v)
+}
+
+/// Removes from `dir` the temporary files of training checkpoints whose writing never finished
+/// (`.ckpt-e…-s….safetensors.tmpPID`, left by a run killed in the middle of a write), and
+/// returns them. For resuming: they are never read, only removed. (A run still writing into
+/// `dir` would lose its write, so call it only when no run is using `dir`.)
+pub fn remove_unfinished(dir: &Path) -> Result<Vec<PathBuf>> {
+    let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    let mut removed = Vec::new();
+    for entry in rd.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_ckpt = crate::fsutil::temp_target(&name)
+            .is_some_and(|t| t.starts_with("ckpt-e") && t.ends_with(".safetensors"));
+        if is_ckpt && entry.file_type().is_ok_and(|t| t.is_file()) {
+            let p = entry.path();
+            std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
+            removed.push(p);
+        }
+    }
+    removed.sort();
+    Ok(removed)
 }
 
 /// Loads the newest training checkpoint of `dir` that reads back whole (a damaged one is skipped,

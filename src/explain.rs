@@ -386,8 +386,12 @@ impl Trace {
             serde_json::to_string(&self.cfg).expect("serialises"),
         )]
         .into();
-        let out = safetensors::serialize(views, Some(meta))
-            .map_err(|e| crate::Error::Data(format!("cannot serialise trace: {e}")))?;
+        let out = safetensors::serialize(views, Some(meta)).map_err(|e| {
+            crate::Error::Data(format!(
+                "{}: cannot serialise the trace: {e}",
+                path.display()
+            ))
+        })?;
         crate::fsutil::atomic_write(path, &out)
     }
 }

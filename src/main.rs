@@ -3,7 +3,7 @@
 //! Exit codes: 0 success; 1 a run that failed (divergence, a failed gradient check);
 //! 2 bad usage or bad input.
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::{Parser, Subcommand, ValueEnum};
 use mnistconv::checkpoint::{self, Model};
 use mnistconv::gradcheck;
@@ -415,8 +415,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Download(a) => cmd_download(a),
         Cmd::Export(a) => {
             let model = checkpoint::load(&a.model)?;
-            mnistconv::onnx::export(&model, &a.onnx)
-                .with_context(|| format!("writing {}", a.onnx.display()))?;
+            // (the error names the file)
+            mnistconv::onnx::export(&model, &a.onnx)?;
             println!(
                 "wrote {} from {} (opset 13; input [batch,1,{2},{2}] → logits, probabilities [batch,{3}])",
                 a.onnx.display(),
@@ -471,6 +471,12 @@ fn cmd_train(a: TrainArgs) -> anyhow::Result<ExitCode> {
     // The run's settings: from the flags, or from the checkpoint being resumed.
     let resumed = match &a.resume {
         Some(dir) => {
+            for t in checkpoint::remove_unfinished(dir)? {
+                eprintln!(
+                    "note: removed {}, a checkpoint whose writing never finished",
+                    t.display()
+                );
+            }
             let (ck, path, skipped) = checkpoint::load_newest_training(dir)?;
             for s in skipped {
                 eprintln!("warning: skipped a damaged checkpoint: {s}");
@@ -567,6 +573,13 @@ fn cmd_train(a: TrainArgs) -> anyhow::Result<ExitCode> {
             .map(|v| v.fingerprint())
             .unwrap_or_else(|| "none".into())
     );
+
+    // Before training: that the model, and the checkpoints, can be written where asked (a
+    // read-only or missing directory is reported now, not after the training).
+    mnistconv::fsutil::check_writable(&a.out)?;
+    if let Some(dir) = a.checkpoint_dir.as_ref().or(a.resume.as_ref()) {
+        mnistconv::fsutil::check_writable_dir(dir)?;
+    }
 
     let say = |s: String| {
         if a.quiet {
@@ -1103,8 +1116,7 @@ fn cmd_explain(a: ExplainArgs) -> anyhow::Result<ExitCode> {
     let (x, label, source) = chosen_image(&cfg, &p64, pick, a.label)?;
     let t = mnistconv::explain::trace(&cfg, &p64, &x, label, a.samples, 1);
     if let Some(out) = &a.out {
-        t.save(out)
-            .with_context(|| format!("writing the trace to {}", out.display()))?;
+        t.save(out)?; // (the error names the file)
     }
     let ok = t.factors.iter().all(|f| f.check.passed());
     if a.json {
