@@ -3,7 +3,7 @@
 //! Exit codes: 0 success; 1 a run that failed (divergence, a failed gradient check);
 //! 2 bad usage or bad input.
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use mnistconv::checkpoint::{self, Model};
 use mnistconv::gradcheck;
@@ -578,6 +578,12 @@ fn cmd_train(a: TrainArgs) -> anyhow::Result<ExitCode> {
     // read-only or missing directory is reported now, not after the training).
     mnistconv::fsutil::check_writable(&a.out)?;
     if let Some(dir) = a.checkpoint_dir.as_ref().or(a.resume.as_ref()) {
+        mnistconv::fsutil::check_writable_dir(dir)?;
+    }
+    if let Some(m) = &a.metrics {
+        mnistconv::fsutil::check_writable(m)?;
+    }
+    if let Some(dir) = &a.plots {
         mnistconv::fsutil::check_writable_dir(dir)?;
     }
 
