@@ -159,7 +159,7 @@ function render(j) {
   const classes = j.probs.map((_, c) => String(c));
   bars("probs", j.probs, { lo: 0, hi: 1, labels: classes, values: (v) => (v >= 0.005 ? (100 * v).toFixed(0) + "%" : ""),
     color: (i) => (i === j.predicted ? "#c0392b" : i === j.label ? "#e67e22" : "#7f8c9a") });
-  bars("ymd", j.y_minus_d, { lo: -1, hi: 1, labels: classes });
+  bars("ymd", j.y_minus_d, { lo: -1, hi: 1, labels: classes, values: (v) => (Math.abs(v) >= 0.01 ? v.toFixed(2) : "") });
   $("loss").textContent = `d = e${j.label} (target ${name(j.label)}${state.target === null ? ", the predicted class" : ""}) · L = Σ −dᵢ log yᵢ = ${j.loss.toFixed(4)}`;
   bars("hidden", j.hidden, { color: () => "#8e44ad" });
   const [, c] = j.shapes.conv, [, pd] = j.shapes.pooled, [, k] = j.shapes.kernels;
