@@ -185,7 +185,10 @@ fn start_browser(g: &mut Guard, name: &str) -> String {
         if ready {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(20), "chromedriver not ready");
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "chromedriver not ready"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let profile = tmpdir(&format!("{name}-profile"));
@@ -248,7 +251,9 @@ fn trained_model(dir: &Path) -> PathBuf {
     let m = dir.join("m.safetensors");
     let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/mnist-sample");
     let o = bin()
-        .args(["train", "--data", fixture, "--epochs", "4", "--quiet", "--out"])
+        .args([
+            "train", "--data", fixture, "--epochs", "4", "--quiet", "--out",
+        ])
         .arg(&m)
         .output()
         .unwrap();
@@ -265,8 +270,10 @@ fn stroke(element: &str, points: &[(i64, i64)]) -> Value {
         let ((x0, y0), (x1, y1)) = (w[0], w[1]);
         let n = ((x1 - x0).abs().max((y1 - y0).abs()) / 8).max(1);
         for i in 1..=n {
-            acts.push(json!({"type": "pointerMove", "duration": 16, "origin": {ELEMENT: element},
-                "x": x0 + (x1 - x0) * i / n, "y": y0 + (y1 - y0) * i / n}));
+            acts.push(
+                json!({"type": "pointerMove", "duration": 16, "origin": {ELEMENT: element},
+                "x": x0 + (x1 - x0) * i / n, "y": y0 + (y1 - y0) * i / n}),
+            );
         }
     }
     acts.push(json!({"type": "pointerUp", "button": 0}));
@@ -323,7 +330,9 @@ fn draw_a_seven_and_see_the_maps() {
     d.post(&format!("/session/{s}/url"), json!({"url": url}));
     // The titles come from /api/model.
     d.wait_for(&s, PAGE_STATE, 20, |v| {
-        v["titles"][7].as_str().is_some_and(|t| t.contains("∂J/∂kₙ"))
+        v["titles"][7]
+            .as_str()
+            .is_some_and(|t| t.contains("∂J/∂kₙ"))
     });
     let pad = d.post(
         &format!("/session/{s}/element"),
@@ -336,7 +345,10 @@ fn draw_a_seven_and_see_the_maps() {
     // A "7": the bar, then the slanted stem (offsets from the canvas's centre, 280×280).
     d.post(
         &format!("/session/{s}/actions"),
-        stroke(&pad, &[(-75, -85), (-20, -90), (70, -92), (30, -20), (-5, 95)]),
+        stroke(
+            &pad,
+            &[(-75, -85), (-20, -90), (70, -92), (30, -20), (-5, 95)],
+        ),
     );
     d.call("DELETE", &format!("/session/{s}/actions"), None);
     let v = d.wait_for(&s, PAGE_STATE, 30, |v| {
@@ -350,8 +362,14 @@ fn draw_a_seven_and_see_the_maps() {
             && v["pairs"] == 40
     });
     eprintln!("page after drawing a 7: {v}");
-    assert!(v["input_lit"].as_u64().unwrap() > 20, "the 28×28 input shows ink: {v}");
-    assert!(v["conv_lit"].as_u64().unwrap() > 100, "the conv maps are drawn: {v}");
+    assert!(
+        v["input_lit"].as_u64().unwrap() > 20,
+        "the 28×28 input shows ink: {v}"
+    );
+    assert!(
+        v["conv_lit"].as_u64().unwrap() > 100,
+        "the conv maps are drawn: {v}"
+    );
     assert!(v["note"].as_str().unwrap().contains('%'), "{v}");
     for t in v["titles"].as_array().unwrap() {
         assert!(t.as_str().unwrap().len() > 3, "every panel titled: {v}");
@@ -389,10 +407,7 @@ fn draw_a_seven_and_see_the_maps() {
     d.wait_for(&s, PAGE_STATE, 10, |v| {
         v["state"] == "empty" && v["prediction"] == "–"
     });
-    eprintln!(
-        "browser test took {:.1} s",
-        t0.elapsed().as_secs_f64()
-    );
+    eprintln!("browser test took {:.1} s", t0.elapsed().as_secs_f64());
 }
 
 #[test]
@@ -442,7 +457,9 @@ fn follow_a_training_run() {
     let v = d.wait_for(&s, js, 60, |v| {
         v["visible"] == true
             && v["kernels"] == 20
-            && v["progress"].as_str().is_some_and(|p| p.starts_with("done: 3 epochs"))
+            && v["progress"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("done: 3 epochs"))
     });
     eprintln!("training view: {v}");
     d.screenshot(

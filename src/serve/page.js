@@ -223,7 +223,7 @@ function chart(id, series, yMin, yMax, xMax, yLabel) {
   const step = Math.max(1, Math.ceil(xMax / 10));
   for (let e = 0; e <= xMax; e += step) ctx.fillText(String(e), X(e), H - 10);
   ctx.fillText("epoch", W - 30, H - 10);
-  let lx = L + 8;
+  ctx.save(); ctx.beginPath(); ctx.rect(L, T - 4, W - L - R, H - T - B + 8); ctx.clip();
   series.forEach((s) => {
     ctx.strokeStyle = s.color; ctx.fillStyle = s.color; ctx.lineWidth = 1.5;
     if (s.line) {
@@ -232,7 +232,12 @@ function chart(id, series, yMin, yMax, xMax, yLabel) {
       ctx.stroke();
     }
     if (s.dots) s.points.forEach(([x, y]) => { ctx.beginPath(); ctx.arc(X(x), Y(y), 3.5, 0, 7); ctx.fill(); });
-    ctx.textAlign = "left"; ctx.fillRect(lx, T + 4, 10, 3); ctx.fillText(s.label, lx + 14, T + 10); lx += 20 + ctx.measureText(s.label).width + 10;
+  });
+  ctx.restore();
+  let lx = L + 8;
+  series.forEach((s) => {
+    ctx.fillStyle = s.color; ctx.textAlign = "left";
+    ctx.fillRect(lx, T + 4, 10, 3); ctx.fillText(s.label, lx + 14, T + 10); lx += 20 + ctx.measureText(s.label).width + 10;
   });
   ctx.lineWidth = 1;
 }
