@@ -1,8 +1,8 @@
 //! End to end in a real browser: `mnistconv serve` with a freshly trained model, headless
 //! Chromium driven by Debian's chromedriver over plain W3C WebDriver (JSON over HTTP with ureq).
 //! A "7" is drawn on the canvas with pointer actions; the prediction and every panel of maps must
-//! appear; a screenshot is saved to `target/browser-screenshot.png` (and to
-//! `$MNISTCONV_SCREENSHOT` when set, which is how `docs/images/serve.png` is made). A second test
+//! appear; a screenshot is saved to `target/browser-screenshot.png`, and one with target 3 picked
+//! to `$MNISTCONV_SCREENSHOT` when set (how `docs/images/serve.png` is made). A second test
 //! follows `train --serve` in the browser.
 //!
 //! Without `/usr/bin/chromedriver` the tests say so loudly and pass, unless
@@ -214,9 +214,12 @@ fn start_browser(g: &mut Guard, name: &str) -> String {
 
 /// Starts `mnistconv ARGS` and returns the URL it announces on the first line of `stdout`
 /// (`serve`) or of `stderr` (`train --serve`).
-fn start_mnistconv(g: &mut Guard, args: &[&str], on_stderr: bool) -> String {
+fn start_mnistconv(g: &mut Guard, args: &[&str], on_stderr: bool, cwd: Option<&Path>) -> String {
     let mut cmd = bin();
     cmd.args(args);
+    if let Some(d) = cwd {
+        cmd.current_dir(d);
+    }
     if on_stderr {
         cmd.stdout(Stdio::null()).stderr(Stdio::piped());
     } else {
@@ -248,7 +251,7 @@ fn trained_model(dir: &Path) -> PathBuf {
     if let Ok(m) = std::env::var("MNISTCONV_BROWSER_MODEL") {
         return PathBuf::from(m);
     }
-    let m = dir.join("m.safetensors");
+    let m = dir.join("mnistconv.safetensors");
     let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/mnist-sample");
     let o = bin()
         .args([
@@ -314,16 +317,18 @@ fn draw_a_seven_and_see_the_maps() {
     let dir = tmpdir("draw");
     g.dirs.push(dir.clone());
     let model = trained_model(&dir);
+    // Run from the model's folder, so the page names the file as a user would see it.
     let url = start_mnistconv(
         &mut g,
         &[
             "serve",
             "--model",
-            model.to_str().unwrap(),
+            model.file_name().unwrap().to_str().unwrap(),
             "--addr",
             "127.0.0.1:0",
         ],
         false,
+        model.parent(),
     );
     let s = start_browser(&mut g, "draw");
     let d = g.driver.as_ref().unwrap();
@@ -379,9 +384,6 @@ fn draw_a_seven_and_see_the_maps() {
         "/target/browser-screenshot.png"
     ));
     d.screenshot(&s, &shot);
-    if let Ok(extra) = std::env::var("MNISTCONV_SCREENSHOT") {
-        d.screenshot(&s, Path::new(&extra));
-    }
 
     // Picking target 3 reruns the backward pass for d = e₃.
     let three = d.post(
@@ -396,6 +398,10 @@ fn draw_a_seven_and_see_the_maps() {
             && v["loss"].as_str().is_some_and(|l| l.contains("target 3"))
     });
     eprintln!("with target 3: {}", v["loss"]);
+    if let Ok(extra) = std::env::var("MNISTCONV_SCREENSHOT") {
+        // (the README's: the backward pass for target 3, which has more to show than y ≈ d)
+        d.screenshot(&s, Path::new(&extra));
+    }
 
     // Clear empties the page's prediction.
     let clear = d.post(
@@ -444,6 +450,7 @@ fn follow_a_training_run() {
             out.to_str().unwrap(),
         ],
         true,
+        None,
     );
     assert!(url.ends_with("/train"), "{url}");
     let s = start_browser(&mut g, "train");
