@@ -39,7 +39,9 @@ fn report(what: &str, mut ms: Vec<f64>, wall: Duration) {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let n: usize = arg("--requests").map_or(Ok(200), |s| s.parse())?.min(2000);
-    let conc: usize = arg("--concurrency").map_or(Ok(200), |s| s.parse())?.clamp(1, 500);
+    let conc: usize = arg("--concurrency")
+        .map_or(Ok(200), |s| s.parse())?
+        .clamp(1, 500);
     let workers: usize = arg("--workers").map_or(Ok(8), |s| s.parse())?;
     let mut _server = None;
     let url = match arg("--url") {
@@ -88,8 +90,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             px[y * side + x + t - 9] = 0;
         }
     }
-    let body =
-        serde_json::json!({"width": side, "height": side, "pixels": px}).to_string();
+    let body = serde_json::json!({"width": side, "height": side, "pixels": px}).to_string();
     println!(
         "POST {url}/api/explain, body {} KB (280×280 drawing)",
         body.len() / 1024
@@ -122,7 +123,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         once(&agent)?;
     }
     let t0 = Instant::now();
-    let seq = (0..n).map(|_| once(&agent)).collect::<Result<Vec<_>, _>>()?;
+    let seq = (0..n)
+        .map(|_| once(&agent))
+        .collect::<Result<Vec<_>, _>>()?;
     report("sequential", seq, t0.elapsed());
     // `conc` threads, each sending its share; all in flight at once when conc == n.
     let t0 = Instant::now();
