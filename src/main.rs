@@ -372,6 +372,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 serve::App::with_model(serve::Loaded::new(&model, &a.model.display().to_string())?);
             let server = serve::serve(std::sync::Arc::new(app), &a.addr, a.workers)?;
             println!("listening on http://{}", server.addr());
+            if !server.addr().ip().is_loopback() {
+                eprintln!(
+                    "warning: {} is reachable from other machines",
+                    server.addr()
+                );
+            }
             server.wait();
             Ok(ExitCode::SUCCESS)
         }
