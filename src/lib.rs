@@ -78,6 +78,7 @@ pub mod onnx;
 pub mod params;
 pub mod preprocess;
 pub mod reference;
+pub mod serve;
 pub mod train;
 pub mod viz;
 

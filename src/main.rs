@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use mnistconv::checkpoint::{self, Model};
 use mnistconv::gradcheck;
 use mnistconv::mnist::{self, Dataset, Split};
+use mnistconv::serve;
 use mnistconv::train::{self, Event, Recipe, TrainConfig};
 use mnistconv::{Activation, Error, NetConfig, Params, Pooling};
 use serde_json::json;
@@ -45,6 +46,9 @@ enum Cmd {
     /// Draw what the network learned and computes, as PNG files: kernels.png, feature_maps.png,
     /// backprop_maps.png, confusion.png, errors.png (with --model) and training.png (with --metrics).
     Viz(VizArgs),
+    /// Serve a page to draw a digit on and watch the forward and backward pass live, with its
+    /// JSON API (see the README).
+    Serve(ServeArgs),
 }
 
 #[derive(clap::Args)]
@@ -81,6 +85,19 @@ struct VizArgs {
     /// Worker threads for scoring (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Checkpoint to explain.
+    #[arg(long)]
+    model: PathBuf,
+    /// Address to listen on (loopback unless told otherwise; port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: String,
+    /// Threads answering requests.
+    #[arg(long, default_value_t = 8)]
+    workers: usize,
 }
 
 #[derive(clap::Args)]
@@ -323,6 +340,10 @@ struct TrainArgs {
     /// split, else the training images).
     #[arg(long, value_name = "DIR")]
     plots: Option<PathBuf>,
+    /// Follow the run live in a browser at this address (e.g. 127.0.0.1:8080): loss and
+    /// accuracy curves and the kernels as they learn; the page stays up after the run.
+    #[arg(long, value_name = "ADDR")]
+    serve: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -412,6 +433,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Predict(a) => cmd_predict(a),
         Cmd::Explain(a) => cmd_explain(a),
         Cmd::Viz(a) => cmd_viz(a),
+        Cmd::Serve(a) => {
+            let model = checkpoint::load(&a.model)?;
+            let app =
+                serve::App::with_model(serve::Loaded::new(&model, &a.model.display().to_string())?);
+            let server = serve::serve(std::sync::Arc::new(app), &a.addr, a.workers)?;
+            println!("listening on http://{}", server.addr());
+            if !server.addr().ip().is_loopback() {
+                eprintln!(
+                    "warning: {} is reachable from other machines",
+                    server.addr()
+                );
+            }
+            server.wait();
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Download(a) => cmd_download(a),
         Cmd::Export(a) => {
             let model = checkpoint::load(&a.model)?;
@@ -640,6 +676,21 @@ fn cmd_train(a: TrainArgs) -> anyhow::Result<ExitCode> {
     let mut bar: Option<indicatif::ProgressBar> = None;
     // Every epoch so far (a resumed run's included), for --metrics.
     let mut metrics = state.history.clone();
+    // --serve: a page following the run. It gets the weights from checkpoint events, so ask for
+    // about 20 per epoch; only the ones the flags asked for are written (below).
+    let live = match &a.serve {
+        Some(addr) => {
+            let app = std::sync::Arc::new(serve::App::for_training(&cfg, &tc, train_set.len()));
+            let server = serve::serve(app.clone(), addr, 4)?;
+            eprintln!("following the run at http://{}/train", server.addr());
+            Some((app, server))
+        }
+        None => None,
+    };
+    let every = match (&live, a.checkpoint_every) {
+        (Some(_), 0) => (train_set.len().div_ceil(tc.batch.max(1)) / 20).max(1),
+        (_, n) => n,
+    };
     let history = train::train_from(
         &cfg,
         &tc,
@@ -647,8 +698,11 @@ fn cmd_train(a: TrainArgs) -> anyhow::Result<ExitCode> {
         &train_set,
         val_set.as_ref(),
         test.as_ref(),
-        a.checkpoint_every,
+        every,
         |ev: Event| {
+            if let Some((app, _)) = &live {
+                app.on_train_event(&ev);
+            }
             match ev {
                 Event::Step(s) if !a.quiet => {
                     let msg = format!(
@@ -711,7 +765,8 @@ fn cmd_train(a: TrainArgs) -> anyhow::Result<ExitCode> {
                     line += &format!("  {:.1} s  {:.0} img/s", s.seconds, s.images_per_second);
                     say(line);
                 }
-                Event::Checkpoint(st) => {
+                // (mid-epoch ones only when --checkpoint-every asked for them)
+                Event::Checkpoint(st) if a.checkpoint_every > 0 || st.step == 0 => {
                     if let Some(dir) = &ckpt_dir {
                         let ck = checkpoint::TrainCheckpoint {
                             cfg,
@@ -722,10 +777,15 @@ fn cmd_train(a: TrainArgs) -> anyhow::Result<ExitCode> {
                         checkpoint::save_training(dir, &ck)?;
                     }
                 }
+                Event::Checkpoint(_) => {}
             }
             Ok(())
         },
-    )?;
+    );
+    if let Some((app, _)) = &live {
+        app.train_finished(history.as_ref().err().map(|e| e.to_string()));
+    }
+    let history = history?;
     let params = state.params;
     let mut meta: std::collections::HashMap<String, String> = [
         (
@@ -823,6 +883,16 @@ fn cmd_train(a: TrainArgs) -> anyhow::Result<ExitCode> {
                 "hint: this was the 5,000-image sample built into the binary; for full MNIST run\n      mnistconv train --data ../shared/data/mnist --val 10000"
             );
         }
+    }
+    if let Some((app, server)) = live {
+        if let Ok(m) = serve::Loaded::new(&model, &a.out.display().to_string()) {
+            app.set_model(m);
+        }
+        eprintln!(
+            "the run is over; its page stays at http://{}/train (Ctrl-C to stop)",
+            server.addr()
+        );
+        server.wait();
     }
     Ok(ExitCode::SUCCESS)
 }
