@@ -114,3 +114,74 @@ fn gradients_are_bit_identical_for_any_thread_count() {
     assert_eq!(one, run(2));
     assert_eq!(one, run(3));
 }
+
+/// The forward-only path (inference, `forward_batch`) against the reference's probabilities,
+/// losses and predictions, for every activation and pooling and batch sizes from 1 to 257, and
+/// bit-identical for any thread count.
+#[test]
+fn inference_matches_reference_for_small_and_large_batches() {
+    let data = embedded::train();
+    let mut cfgs = vec![NetConfig::default()];
+    for act in Activation::ALL {
+        for pooling in Pooling::ALL {
+            cfgs.push(NetConfig {
+                conv_act: act,
+                act,
+                pooling,
+                bias: true,
+                ..NetConfig::default()
+            });
+        }
+    }
+    for (v, cfg) in cfgs.iter().enumerate() {
+        let p = common::params(cfg, 20 + v as u64);
+        let p64 = p.map(f64::from);
+        for batch in [1, 15, 16, 101, 257] {
+            let idx: Vec<usize> = (0..batch).map(|i| (i * 53 + v) % data.len()).collect();
+            let run = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                pool.install(|| {
+                    let mut ws = Workspace::new(cfg, batch);
+                    let st = fast::forward_batch(
+                        cfg,
+                        &p,
+                        &data.images,
+                        Some(&data.labels),
+                        &idx,
+                        &mut ws,
+                    );
+                    let probs: Vec<f32> = (0..batch).flat_map(|e| ws.probs(e).to_vec()).collect();
+                    (probs, st.loss_sum, st.correct)
+                })
+            };
+            let (probs, loss_sum, correct) = run(2);
+            let (mut loss, mut right) = (0.0, 0);
+            for (e, &i) in idx.iter().enumerate() {
+                let l = usize::from(data.labels[i]);
+                let a = reference::forward(cfg, &p64, &data.image_f64(i), l);
+                let got = &probs[e * cfg.classes..(e + 1) * cfg.classes];
+                for (pf, pr) in got.iter().zip(&a.y) {
+                    assert!(
+                        (f64::from(*pf) - pr).abs() < 1e-5,
+                        "{} batch {batch}: probabilities differ: {pf} vs {pr}",
+                        mnistconv::gradcheck::variant_name(cfg)
+                    );
+                }
+                loss += a.loss;
+                right += usize::from(fast::argmax(got) == l);
+            }
+            assert!(
+                (loss_sum - loss).abs() <= 1e-4 * loss.max(1.0),
+                "loss {loss_sum} vs {loss}"
+            );
+            assert_eq!(correct, right);
+            let (p1, l1, c1) = run(1);
+            assert_eq!(p1, probs, "batch {batch}: 1 vs 2 threads");
+            assert_eq!((l1, c1), (loss_sum, correct));
+            assert_eq!(run(3).0, probs, "batch {batch}: 3 vs 2 threads");
+        }
+    }
+}
