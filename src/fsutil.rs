@@ -17,21 +17,13 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
 pub(crate) fn atomic_write_with(path: &Path, bytes: &[u8], at: &dyn Fn(&str)) -> Result<()> {
     // A path that names something other than a regular file (a device such as /dev/full or
     // /dev/stdout, a pipe) is written in place: renaming over it would replace the device.
-    if let Ok(m) = std::fs::metadata(path) {
-        if m.is_dir() {
-            return Err(Error::io(
-                path,
-                std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a directory"),
-            ));
-        }
-        if !m.is_file() {
-            let r = (|| {
-                let mut f = std::fs::OpenOptions::new().write(true).open(path)?;
-                f.write_all(bytes)?;
-                f.flush()
-            })();
-            return r.map_err(|e| Error::io(path, e));
-        }
+    if is_special(path)? {
+        let r = (|| {
+            let mut f = std::fs::OpenOptions::new().write(true).open(path)?;
+            f.write_all(bytes)?;
+            f.flush()
+        })();
+        return r.map_err(|e| Error::io(path, e));
     }
     let (dir, tmp) = temp_path(path);
     let result = (|| {
@@ -71,20 +63,25 @@ fn temp_path(path: &Path) -> (&Path, std::path::PathBuf) {
     (dir, tmp)
 }
 
+/// Whether `path` exists as something other than a regular file or a directory (a device, a
+/// pipe), which is written in place; a directory is an error naming `path`.
+fn is_special(path: &Path) -> Result<bool> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => Err(Error::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a directory"),
+        )),
+        Ok(m) => Ok(!m.is_file()),
+        Err(_) => Ok(false),
+    }
+}
+
 /// Checks, before a long computation, that [`atomic_write`] could write `path`, by creating
 /// and removing the temporary file it would use (a device or other non-regular file, written in
 /// place, is not checked). The error names `path`, as [`atomic_write`]'s would.
 pub fn check_writable(path: &Path) -> Result<()> {
-    if let Ok(m) = std::fs::metadata(path) {
-        if m.is_dir() {
-            return Err(Error::io(
-                path,
-                std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a directory"),
-            ));
-        }
-        if !m.is_file() {
-            return Ok(());
-        }
+    if is_special(path)? {
+        return Ok(());
     }
     let (_, tmp) = temp_path(path);
     std::fs::File::create(&tmp).map_err(|e| Error::io(path, e))?;

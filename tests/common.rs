@@ -2,6 +2,36 @@
 #![allow(dead_code)]
 
 use mnistconv::{Init, NetConfig, Params};
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// The `mnistconv` binary built for these tests.
+pub fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_mnistconv"))
+}
+
+/// A fresh, empty directory for one test (named after the test binary's process).
+pub fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("mnistconv-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Runs the binary with `args` and waits for it.
+pub fn run(args: &[&str]) -> Output {
+    bin().args(args).output().expect("binary runs")
+}
+
+/// Standard error as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Standard output as text.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
 
 /// He-initialised weights with small non-zero biases, so bias gradients are exercised.
 pub fn params(cfg: &NetConfig, seed: u64) -> Params<f32> {
@@ -37,4 +67,13 @@ pub fn norm_rel_error(name: &str, a: &[f64], b: &[f64]) -> f64 {
         pairs.join(" ")
     );
     e
+}
+
+/// Runs `f` in a fresh rayon pool of `threads` threads.
+pub fn in_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap()
+        .install(f)
 }

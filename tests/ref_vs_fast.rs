@@ -99,11 +99,7 @@ fn gradients_are_bit_identical_for_any_thread_count() {
     let p = common::params(&cfg, 9);
     let idx: Vec<usize> = (0..100).collect();
     let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| {
+        common::in_pool(threads, || {
             let mut ws = Workspace::new(&cfg, 100);
             let mut g = Grads::<f32>::zeros(&cfg);
             fast::forward_backward(&cfg, &p, &data.images, &data.labels, &idx, &mut ws, &mut g);
@@ -139,11 +135,7 @@ fn inference_matches_reference_for_small_and_large_batches() {
         for batch in [1, 15, 16, 101, 257] {
             let idx: Vec<usize> = (0..batch).map(|i| (i * 53 + v) % data.len()).collect();
             let run = |threads: usize| {
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .unwrap();
-                pool.install(|| {
+                common::in_pool(threads, || {
                     let mut ws = Workspace::new(cfg, batch);
                     let st = fast::forward_batch(
                         cfg,

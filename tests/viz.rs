@@ -1,27 +1,10 @@
 //! The pictures: `train --metrics/--plots`, `viz` and `explain --image`. Every PNG is decoded and
 //! checked for its size and for content (not a blank page).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_mnistconv"))
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("mnistconv-viz-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn run(args: &[&str]) -> Output {
-    bin().args(args).output().expect("binary runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+mod common;
+use common::{run, stderr, tmpdir};
 
 const PICTURES: [&str; 6] = [
     "kernels.png",
@@ -33,8 +16,8 @@ const PICTURES: [&str; 6] = [
 ];
 
 /// Decodes `path` and checks it is a real picture: at least 400×300, with ink (≥ 1% of the
-/// pixels not white) and colour (≥ 5 distinct colours for the curves, 10 for the confusion matrix, 50 for the maps). Returns the
-/// image.
+/// pixels not white) and colour (≥ 5 distinct colours for the curves, 10 for the confusion
+/// matrix, 50 for the maps). Returns the image.
 fn check_png(path: &Path) -> image::RgbImage {
     let name = path.file_name().unwrap().to_string_lossy();
     let min_colours = match name.as_ref() {
