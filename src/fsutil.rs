@@ -107,7 +107,7 @@ pub fn temp_target(file_name: &str) -> Option<&str> {
     (!name.is_empty() && !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit())).then_some(name)
 }
 
-/// The environment variable of the fault-injection hook (see [`fault_pause`]).
+/// The environment variable of the fault-injection hook (see `fault_pause` in this module).
 pub const FAULT_PAUSE_VAR: &str = "MNISTCONV_FAULT_PAUSE";
 
 /// Fault injection, for the tests that kill a run in the middle of writing a checkpoint.
