@@ -15,13 +15,39 @@
 //! Every output element is computed by one fixed sequence of operations whatever the tiling, so
 //! splitting `m` among threads never changes a result.
 
-/// Which implementation [`gemm_nn`] and [`gemm_nt`] use on this machine.
+/// Which implementation the kernels of this module use on this machine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
-    /// Hand-written AVX-512F kernels.
+    /// Hand-written AVX-512F kernels (16 lanes, 32 registers).
     Avx512,
-    /// The `matrixmultiply` crate (its own run-time SIMD dispatch).
+    /// Hand-written AVX2 + FMA kernels (8 lanes, 16 registers): the same tiles, narrower.
+    Avx2,
+    /// The `matrixmultiply` crate (its own run-time SIMD dispatch) for the products, plain
+    /// loops for the rest.
     Portable,
+}
+
+impl Backend {
+    /// Every backend, fastest first.
+    pub const ALL: [Backend; 3] = [Backend::Avx512, Backend::Avx2, Backend::Portable];
+
+    /// The backend that runs when `self` is asked for: one this CPU cannot run falls back to
+    /// `Portable`.
+    pub fn resolve(self) -> Backend {
+        match self {
+            Backend::Avx512 if has_avx512() => Backend::Avx512,
+            Backend::Avx2 if has_avx2_fma() => Backend::Avx2,
+            _ => Backend::Portable,
+        }
+    }
+
+    /// The backends this CPU can run (tests hold each of them to the plain loops).
+    pub fn available() -> Vec<Backend> {
+        Backend::ALL
+            .into_iter()
+            .filter(|b| b.resolve() == *b)
+            .collect()
+    }
 }
 
 /// Whether this CPU has AVX-512F (cached by std after the first call).
@@ -49,19 +75,34 @@ pub fn has_avx512bw_vl() -> bool {
     }
 }
 
-/// The implementation chosen for this CPU (AVX-512F if present), unless `MNISTCONV_KERNELS=portable`.
+/// Whether this CPU has AVX2 and FMA.
+pub fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The implementation chosen for this CPU: AVX-512F if present, else AVX2 + FMA, else portable.
+/// `MNISTCONV_KERNELS=avx2` or `=portable` asks for a narrower one (for comparisons).
 pub fn backend() -> Backend {
     use std::sync::OnceLock;
     static B: OnceLock<Backend> = OnceLock::new();
     *B.get_or_init(|| {
-        let forced = std::env::var("MNISTCONV_KERNELS")
-            .map(|v| v == "portable")
-            .unwrap_or(false);
-        if !forced && has_avx512() {
-            Backend::Avx512
-        } else {
-            Backend::Portable
-        }
+        let want = match std::env::var("MNISTCONV_KERNELS").as_deref() {
+            Ok("portable") => Backend::Portable,
+            Ok("avx2") => Backend::Avx2,
+            _ => Backend::Avx512,
+        };
+        Backend::ALL
+            .into_iter()
+            .skip_while(|b| *b != want)
+            .find(|b| b.resolve() == *b)
+            .unwrap_or(Backend::Portable)
     })
 }
 
@@ -188,8 +229,8 @@ pub fn gemm_nn(
     gemm_nn_on(backend(), m, n, k, a, ars, acs, b, ldb, c, ldc, acc)
 }
 
-/// [`gemm_nn`] on a chosen backend (tests and benchmarks compare them). `Avx512` on a CPU
-/// without AVX-512F falls back to `Portable`.
+/// [`gemm_nn`] on a chosen backend (tests and benchmarks compare them). A backend the CPU
+/// cannot run falls back to `Portable` ([`Backend::resolve`]).
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_nn_on(
     be: Backend,
@@ -209,10 +250,31 @@ pub fn gemm_nn_on(
     if empty_product(m, n, k, c, ldc, acc) {
         return;
     }
-    match be {
+    match be.resolve() {
         #[cfg(target_arch = "x86_64")]
-        Backend::Avx512 if has_avx512() => {
-            // SAFETY: the guard checked `is_x86_feature_detected!("avx512f")`.
+        Backend::Avx2 => {
+            // SAFETY: `resolve` checked `is_x86_feature_detected!` for "avx2" and "fma".
+            // `check_nn` asserted that every index the kernel reads and writes lies inside the
+            // slices (as for AVX-512 below); `c` is an exclusive borrow.
+            unsafe {
+                avx2::nn(
+                    m,
+                    n,
+                    k,
+                    a.as_ptr(),
+                    ars,
+                    acs,
+                    b.as_ptr(),
+                    ldb,
+                    c.as_mut_ptr(),
+                    ldc,
+                    acc,
+                )
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx512 => {
+            // SAFETY: `resolve` checked `is_x86_feature_detected!("avx512f")`.
             // `check_nn` asserted that every index the kernel reads (A: i·ars + p·acs for i < m,
             // p < k; B: p·ldb + j for j < n) and writes (C: i·ldc + j, with ldc ≥ n so rows do not
             // overlap) lies inside the slices; `c` is an exclusive borrow, so no other reference
@@ -279,7 +341,7 @@ pub fn gemm_nt(
     gemm_nt_on(backend(), m, n, k, a, lda, b, ldb, c, ldc, acc)
 }
 
-/// [`gemm_nt`] on a chosen backend. `Avx512` on a CPU without AVX-512F falls back to `Portable`.
+/// [`gemm_nt`] on a chosen backend; one the CPU cannot run falls back to `Portable`.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_nt_on(
     be: Backend,
@@ -298,10 +360,29 @@ pub fn gemm_nt_on(
     if empty_product(m, n, k, c, ldc, acc) {
         return;
     }
-    match be {
+    match be.resolve() {
         #[cfg(target_arch = "x86_64")]
-        Backend::Avx512 if has_avx512() => {
-            // SAFETY: the guard checked `is_x86_feature_detected!("avx512f")`. `check_nt` asserted that A's rows
+        Backend::Avx2 => {
+            // SAFETY: `resolve` checked `is_x86_feature_detected!` for "avx2" and "fma";
+            // `check_nt` bounded every index (as for AVX-512 below); `c` is an exclusive borrow.
+            unsafe {
+                avx2::nt(
+                    m,
+                    n,
+                    k,
+                    a.as_ptr(),
+                    lda,
+                    b.as_ptr(),
+                    ldb,
+                    c.as_mut_ptr(),
+                    ldc,
+                    acc,
+                )
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx512 => {
+            // SAFETY: `resolve` checked `is_x86_feature_detected!("avx512f")`. `check_nt` asserted that A's rows
             // i·lda..i·lda+k (i < m), B's rows j·ldb..j·ldb+k (j < n) and C's elements i·ldc + j
             // (ldc ≥ n) lie inside the slices; `c` is an exclusive borrow.
             unsafe {
@@ -387,6 +468,13 @@ impl Wide {
     /// # Panics
     /// If `x` or `slot` is too short.
     pub fn fill(&self, x: &[u8], slot: &mut [f32]) {
+        self.fill_on(backend(), x, slot)
+    }
+    /// [`Wide::fill`] on a chosen backend (the result is the same on every one).
+    ///
+    /// # Panics
+    /// If `x` or `slot` is too short.
+    pub fn fill_on(&self, be: Backend, x: &[u8], slot: &mut [f32]) {
         let (img, conv, js) = (self.img, self.conv(), self.js());
         let slot = &mut slot[..self.slot()];
         assert!(
@@ -396,11 +484,20 @@ impl Wide {
             img * img
         );
         #[cfg(target_arch = "x86_64")]
-        if backend() == Backend::Avx512 && conv <= 32 && has_avx512bw_vl() {
+        if be.resolve() == Backend::Avx512 && conv <= 32 && has_avx512bw_vl() {
             // SAFETY: AVX-512F, BW and VL were detected. Reads x[rr·img + j + c] for rr < img, c < conv,
             // j < ks (so j + c < img): within x; lanes past conv are masked off. Writes
             // slot[j·js + rr·conv + c], c < conv: below ks·js ≤ slot.len().
             unsafe { avx512::fill_shifted(x.as_ptr(), img, self.ks, conv, slot.as_mut_ptr()) };
+            slot[self.ks * js..].fill(0.0);
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if be.resolve() != Backend::Portable && has_avx2_fma() {
+            // SAFETY: AVX2 was detected. Reads x[rr·img + j + c] for rr < img, c < conv, j < ks
+            // (so j + c < img, and a vector of 8 is read only where c + 8 ≤ conv): within x.
+            // Writes slot[j·js + rr·conv + c], c < conv: below ks·js ≤ slot.len().
+            unsafe { avx2::fill_shifted(x.as_ptr(), img, self.ks, conv, slot.as_mut_ptr()) };
             slot[self.ks * js..].fill(0.0);
             return;
         }
@@ -458,6 +555,25 @@ pub fn conv_wide_fused(
     m: usize,
     out: &mut [f32],
 ) {
+    conv_wide_fused_on(backend(), w, k, bias, relu, n_k, x, m, out)
+}
+
+/// [`conv_wide_fused`] on a chosen backend.
+///
+/// # Panics
+/// As [`conv_wide_fused`].
+#[allow(clippy::too_many_arguments)]
+pub fn conv_wide_fused_on(
+    be: Backend,
+    w: Wide,
+    k: &[f32],
+    bias: &[f32],
+    relu: bool,
+    n_k: usize,
+    x: &[f32],
+    m: usize,
+    out: &mut [f32],
+) {
     w.check();
     assert!(
         bias.is_empty() || bias.len() == n_k,
@@ -474,7 +590,30 @@ pub fn conv_wide_fused(
     );
     assert!(out.len() >= m * n_k * wq, "conv: out too short");
     #[cfg(target_arch = "x86_64")]
-    if backend() == Backend::Avx512 && kk <= MAX_TAPS {
+    if be.resolve() == Backend::Avx2 && kk <= MAX_TAPS {
+        let offs = w.offsets();
+        let offs = &offs[..kk];
+        for e in 0..m {
+            // SAFETY: AVX2 and FMA were detected. Same bounds as for AVX-512 below (wq is a
+            // multiple of 16, so of the kernel's 8).
+            unsafe {
+                avx2::conv_fwd(
+                    n_k,
+                    kk,
+                    k.as_ptr(),
+                    bias,
+                    relu,
+                    x.as_ptr().add(e * xs),
+                    offs,
+                    wq,
+                    out.as_mut_ptr().add(e * n_k * wq),
+                )
+            };
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if be.resolve() == Backend::Avx512 && kk <= MAX_TAPS {
         let offs = w.offsets();
         let offs = &offs[..kk];
         for e in 0..m {
@@ -538,13 +677,50 @@ pub fn conv_wide_fused_naive(
 /// # Panics
 /// If a slice is too short.
 pub fn conv_wide_dk(w: Wide, dz: &[f32], n_k: usize, x: &[f32], m: usize, dk: &mut [f32]) {
+    conv_wide_dk_on(backend(), w, dz, n_k, x, m, dk)
+}
+
+/// [`conv_wide_dk`] on a chosen backend.
+///
+/// # Panics
+/// As [`conv_wide_dk`].
+#[allow(clippy::too_many_arguments)]
+pub fn conv_wide_dk_on(
+    be: Backend,
+    w: Wide,
+    dz: &[f32],
+    n_k: usize,
+    x: &[f32],
+    m: usize,
+    dk: &mut [f32],
+) {
     w.check();
     let (kk, wq, xs) = (w.ks * w.ks, w.wq(), w.slot());
     assert!(dz.len() >= m * n_k * wq, "conv dk: dz too short");
     assert!(x.len() >= m * xs, "conv dk: x too short");
     assert!(dk.len() >= n_k * kk, "conv dk: dk too short");
     #[cfg(target_arch = "x86_64")]
-    if backend() == Backend::Avx512 && kk <= MAX_TAPS {
+    if be.resolve() == Backend::Avx2 && kk <= MAX_TAPS {
+        let offs = w.offsets();
+        let offs = &offs[..kk];
+        // SAFETY: AVX2 and FMA were detected. Same bounds as for AVX-512 below.
+        unsafe {
+            avx2::conv_dk(
+                n_k,
+                kk,
+                dz.as_ptr(),
+                x.as_ptr(),
+                xs,
+                m,
+                offs,
+                wq,
+                dk.as_mut_ptr(),
+            )
+        };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if be.resolve() == Backend::Avx512 && kk <= MAX_TAPS {
         let offs = w.offsets();
         let offs = &offs[..kk];
         // SAFETY: AVX-512F was detected. Reads dz[(e·n_k + n)·wq + q] and x[e·xs + q + off(p)]
@@ -589,10 +765,24 @@ pub fn conv_wide_dk_naive(w: Wide, dz: &[f32], n_k: usize, x: &[f32], m: usize, 
 /// # Panics
 /// If `dst` is shorter than `src`.
 pub fn pixels_to_f32(src: &[u8], dst: &mut [f32]) {
+    pixels_to_f32_on(backend(), src, dst)
+}
+
+/// [`pixels_to_f32`] on a chosen backend (the result is the same on every one).
+///
+/// # Panics
+/// If `dst` is shorter than `src`.
+pub fn pixels_to_f32_on(be: Backend, src: &[u8], dst: &mut [f32]) {
     assert!(dst.len() >= src.len(), "pixels: dst too short");
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if backend() == Backend::Avx512 {
+    if be.resolve() == Backend::Avx2 {
+        done = src.len() / 8 * 8;
+        // SAFETY: AVX2 was detected; reads src[..done] and writes dst[..done], done ≤ both lengths.
+        unsafe { avx2::pixels(src.as_ptr(), dst.as_mut_ptr(), done / 8) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if be.resolve() == Backend::Avx512 {
         done = src.len() / 16 * 16;
         // SAFETY: AVX-512F was detected; reads src[..done] and writes dst[..done], done ≤ both lengths.
         unsafe { avx512::pixels(src.as_ptr(), dst.as_mut_ptr(), done / 16) };
@@ -604,9 +794,20 @@ pub fn pixels_to_f32(src: &[u8], dst: &mut [f32]) {
 
 /// ReLU in place: `v = max(v, 0)`.
 pub fn relu_in_place(v: &mut [f32]) {
+    relu_in_place_on(backend(), v)
+}
+
+/// [`relu_in_place`] on a chosen backend (the result is the same on every one).
+pub fn relu_in_place_on(be: Backend, v: &mut [f32]) {
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if backend() == Backend::Avx512 {
+    if be.resolve() == Backend::Avx2 {
+        done = v.len() / 8 * 8;
+        // SAFETY: AVX2 was detected; reads and writes v[..done].
+        unsafe { avx2::relu(v.as_mut_ptr(), done / 8) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if be.resolve() == Backend::Avx512 {
         done = v.len() / 16 * 16;
         // SAFETY: AVX-512F was detected; reads and writes v[..done].
         unsafe { avx512::relu(v.as_mut_ptr(), done / 16) };
@@ -623,6 +824,14 @@ pub fn relu_in_place(v: &mut [f32]) {
 /// # Panics
 /// If a slice is too short.
 pub fn mean_pool2(map: &[f32], img: usize, pooled: usize, out: &mut [f32]) {
+    mean_pool2_on(backend(), map, img, pooled, out)
+}
+
+/// [`mean_pool2`] on a chosen backend (the result is the same on every one).
+///
+/// # Panics
+/// If a slice is too short.
+pub fn mean_pool2_on(be: Backend, map: &[f32], img: usize, pooled: usize, out: &mut [f32]) {
     assert!(
         2 * pooled <= img,
         "pool: {pooled} pooled columns do not fit rows of {img}"
@@ -633,7 +842,14 @@ pub fn mean_pool2(map: &[f32], img: usize, pooled: usize, out: &mut [f32]) {
     );
     assert!(out.len() >= pooled * pooled, "pool: out too short");
     #[cfg(target_arch = "x86_64")]
-    if backend() == Backend::Avx512 && pooled <= 16 {
+    if be.resolve() == Backend::Avx2 {
+        // SAFETY: AVX2 was detected; reads map rows 0..2·pooled, columns 0..2·pooled (within
+        // the length checked above) and writes out[..pooled²].
+        unsafe { avx2::mean_pool2(map.as_ptr(), img, pooled, out.as_mut_ptr()) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if be.resolve() == Backend::Avx512 && pooled <= 16 {
         // SAFETY: AVX-512F was detected; reads map rows 0..2·pooled, columns 0..2·pooled (masked
         // loads, within the length checked above) and writes out[..pooled²] (masked stores).
         unsafe { avx512::mean_pool2(map.as_ptr(), img, pooled, out.as_mut_ptr()) };
@@ -656,6 +872,21 @@ pub fn mean_pool2(map: &[f32], img: usize, pooled: usize, out: &mut [f32]) {
 /// # Panics
 /// If a slice is too short.
 pub fn mean_repool2_relu(g: &[f32], y: &[f32], img: usize, pooled: usize, dz: &mut [f32]) {
+    mean_repool2_relu_on(backend(), g, y, img, pooled, dz)
+}
+
+/// [`mean_repool2_relu`] on a chosen backend (the result is the same on every one).
+///
+/// # Panics
+/// If a slice is too short.
+pub fn mean_repool2_relu_on(
+    be: Backend,
+    g: &[f32],
+    y: &[f32],
+    img: usize,
+    pooled: usize,
+    dz: &mut [f32],
+) {
     let conv = 2 * pooled;
     assert!(
         conv <= img,
@@ -667,7 +898,14 @@ pub fn mean_repool2_relu(g: &[f32], y: &[f32], img: usize, pooled: usize, dz: &m
         "repool: map too short"
     );
     #[cfg(target_arch = "x86_64")]
-    if backend() == Backend::Avx512 && pooled <= 16 {
+    if be.resolve() == Backend::Avx2 {
+        // SAFETY: AVX2 was detected; reads g[..pooled²] and y rows 0..conv, columns 0..conv,
+        // writes the same positions of dz, all within the lengths checked above.
+        unsafe { avx2::mean_repool2_relu(g.as_ptr(), y.as_ptr(), img, pooled, dz.as_mut_ptr()) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if be.resolve() == Backend::Avx512 && pooled <= 16 {
         // SAFETY: AVX-512F was detected; reads g[..pooled²] and y rows 0..conv, columns 0..conv,
         // writes the same positions of dz, all within the lengths checked above (masked tails).
         unsafe { avx512::mean_repool2_relu(g.as_ptr(), y.as_ptr(), img, pooled, dz.as_mut_ptr()) };
@@ -681,7 +919,7 @@ pub fn mean_repool2_relu(g: &[f32], y: &[f32], img: usize, pooled: usize, dz: &m
     }
 }
 
-/// A register-only loop of independent FMAs (`iters` rounds of 16 vectors), to measure the
+/// A register-only loop of independent FMAs (`iters` rounds of one vector per register), to measure the
 /// arithmetic ceiling; returns the FLOPs it did (2 per multiply-add, per lane).
 pub fn fma_loop(iters: usize) -> f64 {
     #[cfg(target_arch = "x86_64")]
@@ -690,6 +928,13 @@ pub fn fma_loop(iters: usize) -> f64 {
         let s = unsafe { avx512::fma_loop(iters) };
         std::hint::black_box(s);
         return (iters * 16 * 16 * 2) as f64;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if backend() == Backend::Avx2 {
+        // SAFETY: AVX2 and FMA were detected; the loop touches no memory.
+        let s = unsafe { avx2::fma_loop(iters) };
+        std::hint::black_box(s);
+        return (iters * avx2::FMA_LOOP_VECTORS * 8 * 2) as f64;
     }
     let mut acc = [0.0f32; 64];
     for _ in 0..iters {
@@ -749,6 +994,9 @@ pub fn gemm_nt_naive(
         }
     }
 }
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
@@ -1429,7 +1677,7 @@ mod tests {
                 for acc in [false, true] {
                     let mut want = c0.clone();
                     gemm_nn_naive(m, n, k, &a, ars, acs, &b, ldb, &mut want, ldc, acc);
-                    for be in [Backend::Avx512, Backend::Portable] {
+                    for be in Backend::ALL {
                         let mut got = c0.clone();
                         gemm_nn_on(be, m, n, k, &a, ars, acs, &b, ldb, &mut got, ldc, acc);
                         close(&got, &want, &format!("nn {m}x{n}x{k} {be:?}"));
@@ -1449,7 +1697,7 @@ mod tests {
             for acc in [false, true] {
                 let mut want = c0.clone();
                 gemm_nt_naive(m, n, k, &a, lda, &b, ldb, &mut want, ldc, acc);
-                for be in [Backend::Avx512, Backend::Portable] {
+                for be in Backend::ALL {
                     let mut got = c0.clone();
                     gemm_nt_on(be, m, n, k, &a, lda, &b, ldb, &mut got, ldc, acc);
                     close(&got, &want, &format!("nt {m}x{n}x{k} {be:?}"));
@@ -1495,19 +1743,23 @@ mod tests {
             let k = rand_vec(n_k * ks * ks, 12);
             let mut a = vec![0.0; m * n_k * w.wq()];
             let mut b = a.clone();
-            conv_wide(w, &k, n_k, &x, m, &mut a);
             conv_wide_naive(w, &k, n_k, &x, m, &mut b);
-            close(&a, &b, "conv_wide");
             let bias = rand_vec(n_k, 14);
-            let mut fa = a.clone();
-            conv_wide_fused(w, &k, &bias, true, n_k, &x, m, &mut fa);
-            for (q, (fv, v)) in fa.iter().zip(&a).enumerate() {
-                let want = (v + bias[(q / w.wq()) % n_k]).max(0.0);
-                assert!(
-                    (fv - want).abs() < 1e-5,
-                    "fused conv at {q}: {fv} vs {want}"
-                );
+            for be in Backend::available() {
+                conv_wide_fused_on(be, w, &k, &[], false, n_k, &x, m, &mut a);
+                close(&a, &b, &format!("conv_wide {be:?}"));
+                let mut fa = a.clone();
+                conv_wide_fused_on(be, w, &k, &bias, true, n_k, &x, m, &mut fa);
+                for (q, (fv, v)) in fa.iter().zip(&a).enumerate() {
+                    let want = (v + bias[(q / w.wq()) % n_k]).max(0.0);
+                    assert!(
+                        (fv - want).abs() < 1e-5,
+                        "fused conv {be:?} at {q}: {fv} vs {want}"
+                    );
+                }
             }
+            conv_wide(w, &k, n_k, &x, m, &mut a);
+            close(&a, &b, "conv_wide");
             // The valid outputs are the cross-correlation.
             let conv = w.conv();
             let (r, c, n) = (conv - 1, conv / 2, n_k - 1);
@@ -1526,19 +1778,27 @@ mod tests {
             }
             let mut da = vec![0.0; n_k * ks * ks];
             let mut db = da.clone();
-            conv_wide_dk(w, &dz, n_k, &x, m, &mut da);
             conv_wide_dk_naive(w, &dz, n_k, &x, m, &mut db);
+            for be in Backend::available() {
+                da.fill(f32::NAN);
+                conv_wide_dk_on(be, w, &dz, n_k, &x, m, &mut da);
+                close(&da, &db, &format!("conv_wide_dk {be:?}"));
+            }
+            conv_wide_dk(w, &dz, n_k, &x, m, &mut da);
             close(&da, &db, "conv_wide_dk");
         }
     }
 
     #[test]
     fn fill_matches_its_definition() {
-        for (img, ks) in [(28, 9), (28, 5), (12, 3), (40, 7)] {
+        for ((img, ks), be) in [(28, 9), (28, 5), (12, 3), (40, 7), (17, 8)]
+            .into_iter()
+            .flat_map(|s| Backend::available().into_iter().map(move |b| (s, b)))
+        {
             let w = Wide { img, ks };
             let x: Vec<u8> = (0..img * img).map(|i| (i * 31 % 256) as u8).collect();
             let mut slot = vec![9.0; w.slot()];
-            w.fill(&x, &mut slot);
+            w.fill_on(be, &x, &mut slot);
             let conv = w.conv();
             for p in 0..ks * ks {
                 for q in 0..conv * conv {
@@ -1555,34 +1815,47 @@ mod tests {
 
     #[test]
     fn elementwise_kernels_match_plain_loops() {
+        for be in Backend::available() {
+            elementwise_on(be);
+        }
+    }
+
+    /// The elementwise kernels of one backend, exactly equal to their definitions.
+    fn elementwise_on(be: Backend) {
         let src: Vec<u8> = (0..1000u32).map(|i| (i * 37 % 256) as u8).collect();
         let mut a = vec![0.0; 1000];
-        pixels_to_f32(&src, &mut a);
+        pixels_to_f32_on(be, &src, &mut a);
         for (x, &s) in a.iter().zip(&src) {
             assert_eq!(*x, f32::from(s) * (1.0 / 255.0));
         }
         let mut v = rand_vec(1001, 3);
         v[5] = f32::NAN;
         let want: Vec<f32> = v.iter().map(|x| x.max(0.0)).collect();
-        relu_in_place(&mut v);
-        assert_eq!(v, want);
-        for (img, pooled) in [(28, 10), (12, 6), (40, 16), (5, 1)] {
+        relu_in_place_on(be, &mut v);
+        assert_eq!(v, want, "{be:?}");
+        for (img, pooled) in [(28, 10), (12, 6), (40, 16), (5, 1), (40, 20)] {
             let map = rand_vec(2 * pooled * img, 4);
             let mut out = vec![0.0; pooled * pooled];
-            mean_pool2(&map, img, pooled, &mut out);
+            mean_pool2_on(be, &map, img, pooled, &mut out);
             for r in 0..pooled {
                 for c in 0..pooled {
-                    let s = map[2 * r * img + 2 * c]
-                        + map[2 * r * img + 2 * c + 1]
-                        + map[(2 * r + 1) * img + 2 * c]
-                        + map[(2 * r + 1) * img + 2 * c + 1];
-                    assert!((out[r * pooled + c] - s / 4.0).abs() < 1e-6);
+                    let (a0, a1) = (map[2 * r * img + 2 * c], map[2 * r * img + 2 * c + 1]);
+                    let (b0, b1) = (
+                        map[(2 * r + 1) * img + 2 * c],
+                        map[(2 * r + 1) * img + 2 * c + 1],
+                    );
+                    let want = ((a0 + b0) + (a1 + b1)) * 0.25;
+                    assert_eq!(
+                        out[r * pooled + c],
+                        want,
+                        "pool {be:?} {pooled} r {r} c {c}"
+                    );
                 }
             }
             let g = rand_vec(pooled * pooled, 5);
             let y = rand_vec(2 * pooled * img, 6);
             let mut dz = vec![7.0; 2 * pooled * img];
-            mean_repool2_relu(&g, &y, img, pooled, &mut dz);
+            mean_repool2_relu_on(be, &g, &y, img, pooled, &mut dz);
             for r in 0..2 * pooled {
                 for c in 0..img {
                     let want = if c >= 2 * pooled {
@@ -1592,7 +1865,7 @@ mod tests {
                     } else {
                         0.0
                     };
-                    assert_eq!(dz[r * img + c], want, "r {r} c {c}");
+                    assert_eq!(dz[r * img + c], want, "repool {be:?} r {r} c {c}");
                 }
             }
         }

@@ -1150,9 +1150,11 @@ fn cmd_bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
         r.latency_us
     );
     println!(
-        "  f32 GEMM 1024³:        {:.1} GFLOP/s  (training reaches {:.0}% of it)",
+        "  f32 GEMM 1024³:        {:.1} GFLOP/s  (training reaches {:.0}% of it; own kernel {:.1}, matrixmultiply {:.1})",
         r.gemm_gflops,
-        100.0 * r.fraction_of_gemm
+        100.0 * r.fraction_of_gemm,
+        r.gemm_own_gflops,
+        r.gemm_matrixmultiply_gflops
     );
     println!(
         "  FMA peak:              {:.1} GFLOP/s  (training reaches {:.0}% of it)",

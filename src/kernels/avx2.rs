@@ -1,0 +1,694 @@
+//! AVX2 + FMA micro-kernels: the tiles of the AVX-512 module, narrowed to 8 lanes and 16 vector
+//! registers (Zen 2/3, Haswell and later without AVX-512). Callers guarantee the CPU has AVX2
+//! and FMA and that all indices are in bounds (checked in the safe wrappers of `kernels`).
+//!
+//! Register budget (16 ymm): `nn` 6×2 accumulators + 2 loads + 1 broadcast; `conv` 5×2
+//! accumulators + 2 loads + 1 broadcast; `dk` 4×3 accumulators + 3 loads (dz read as the FMA's
+//! memory operand); `nt` 4×3 accumulators + 3 loads. Tile shapes were chosen on measurement
+//! (`cargo run --release --example kernel_timing`, Zen 3): a 4×3 conv tile (12 accumulators,
+//! 3 loads and a broadcast: all 16 registers) ran at half the speed of 5×2 (≈ 45 against
+//! ≈ 93 GFLOP/s on one core); for `dk` 4×3 beat 5×2, 3×3 and 6×2 (≈ 85 against 74–79).
+// Register tiles are indexed by constant loop counters that unroll; iterators would hide that.
+#![allow(clippy::needless_range_loop)]
+use std::arch::x86_64::*;
+
+/// Rows of C per `nn` tile (one broadcast of A each) and 8-lane vectors of C per row.
+const NN_MR: usize = 6;
+const NN_NV: usize = 2;
+/// Depth of one pass over k: B's `NN_KC × 16` panel stays in L1 while every row tile uses it.
+const NN_KC: usize = 128;
+/// Rows of A and of B per `nt` tile: 4×3 = 12 dot products at once.
+const NT_MR: usize = 4;
+const NT_NR: usize = 3;
+/// Maps and taps of the kernel-gradient tile.
+const CD_MR: usize = 4;
+const CD_NR: usize = 3;
+/// Rows (kernels) and position vectors of the forward conv tile.
+const CF_MR: usize = 5;
+const CF_NV: usize = 2;
+
+/// Lanes `0..w` of an 8-lane vector, as the all-ones lanes of an integer mask.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn mask(w: usize) -> __m256i {
+    _mm256_cmpgt_epi32(
+        _mm256_set1_epi32(w.min(8) as i32),
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+    )
+}
+
+/// The sum of the 8 lanes, always in the same order: halves, then pairs, then the last two.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+}
+
+/// One `MR × NV·8` tile of C = A·B; when `MASKED` the last vector holds only the lanes of `last`.
+///
+/// # Safety
+/// AVX2 and FMA present; A rows i < MR at a + i·ars (+ p·acs, p < k), B rows p < k at b + p·ldb
+/// with the tile's columns, and C rows at c + i·ldc, all in bounds for the tile's width.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn nn_tile<const MR: usize, const NV: usize, const MASKED: bool>(
+    k: usize,
+    a: *const f32,
+    ars: usize,
+    acs: usize,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    last: __m256i,
+    acc: bool,
+) {
+    let mut t = [[_mm256_setzero_ps(); NV]; MR];
+    for p in 0..k {
+        // SAFETY (all pointer arithmetic below): within the tile's bounds, per the contract;
+        // masked lanes are not read.
+        unsafe {
+            let brow = b.add(p * ldb);
+            let mut bv = [_mm256_setzero_ps(); NV];
+            for v in 0..NV {
+                bv[v] = if MASKED && v + 1 == NV {
+                    _mm256_maskload_ps(brow.add(8 * v), last)
+                } else {
+                    _mm256_loadu_ps(brow.add(8 * v))
+                };
+            }
+            for i in 0..MR {
+                let av = _mm256_set1_ps(*a.add(i * ars + p * acs));
+                for v in 0..NV {
+                    t[i][v] = _mm256_fmadd_ps(av, bv[v], t[i][v]);
+                }
+            }
+        }
+    }
+    for i in 0..MR {
+        for v in 0..NV {
+            // SAFETY: C's tile rows and columns are in bounds, per the contract.
+            unsafe {
+                let dst = c.add(i * ldc + 8 * v);
+                if MASKED && v + 1 == NV {
+                    let r = if acc {
+                        _mm256_add_ps(_mm256_maskload_ps(dst, last), t[i][v])
+                    } else {
+                        t[i][v]
+                    };
+                    _mm256_maskstore_ps(dst, last, r);
+                } else {
+                    let r = if acc {
+                        _mm256_add_ps(_mm256_loadu_ps(dst), t[i][v])
+                    } else {
+                        t[i][v]
+                    };
+                    _mm256_storeu_ps(dst, r);
+                }
+            }
+        }
+    }
+}
+
+/// # Safety
+/// AVX2 and FMA present and every index in bounds (see `gemm_nn`).
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn nn(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    ars: usize,
+    acs: usize,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    acc: bool,
+) {
+    let mut p0 = 0;
+    while p0 < k {
+        let kc = (k - p0).min(NN_KC);
+        // Later passes over k add to what the earlier ones stored.
+        let acc = acc || p0 > 0;
+        let mut j = 0;
+        while j < n {
+            let w = (n - j).min(NN_NV * 8);
+            let nv = w.div_ceil(8);
+            let tail = w - 8 * (nv - 1);
+            let last = mask(tail);
+            let mut i = 0;
+            while i < m {
+                let mr = (m - i).min(NN_MR);
+                // SAFETY: the tile covers rows i..i+mr < m, columns j..j+w ≤ n and depth
+                // p0..p0+kc ≤ k, all in bounds.
+                unsafe {
+                    let (ap, bp, cp) = (
+                        a.add(i * ars + p0 * acs),
+                        b.add(p0 * ldb + j),
+                        c.add(i * ldc + j),
+                    );
+                    macro_rules! go {
+                        ($($mr:literal),*) => {
+                            match (mr, nv, tail == 8) {
+                                $(
+                                    ($mr, 1, true) => nn_tile::<$mr, 1, false>(kc, ap, ars, acs, bp, ldb, cp, ldc, last, acc),
+                                    ($mr, 2, true) => nn_tile::<$mr, 2, false>(kc, ap, ars, acs, bp, ldb, cp, ldc, last, acc),
+                                    ($mr, 1, false) => nn_tile::<$mr, 1, true>(kc, ap, ars, acs, bp, ldb, cp, ldc, last, acc),
+                                    ($mr, 2, false) => nn_tile::<$mr, 2, true>(kc, ap, ars, acs, bp, ldb, cp, ldc, last, acc),
+                                )*
+                                _ => unreachable!("tile {mr}×{nv}"),
+                            }
+                        };
+                    }
+                    go!(1, 2, 3, 4, 5, 6);
+                }
+                i += mr;
+            }
+            j += w;
+        }
+        p0 += kc;
+    }
+}
+
+/// One `MR × NV·8` tile of the wide conv: rows n of `k` (broadcast), positions q..q+8·NV of `x`
+/// shifted by each tap's offset.
+///
+/// # Safety
+/// AVX2 and FMA present; k rows i < MR hold kk floats at k + i·kk; x + off[p] + 8·NV floats are
+/// readable for every p; out rows i at out + i·wq hold 8·NV writable floats.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn conv_tile<const MR: usize, const NV: usize>(
+    kk: usize,
+    k: *const f32,
+    bias: &[f32],
+    relu: bool,
+    x: *const f32,
+    offs: &[usize],
+    out: *mut f32,
+    wq: usize,
+) {
+    let mut t = [[_mm256_setzero_ps(); NV]; MR];
+    for (p, &off) in offs.iter().enumerate().take(kk) {
+        // SAFETY: per the contract.
+        unsafe {
+            let src = x.add(off);
+            let mut bv = [_mm256_setzero_ps(); NV];
+            for v in 0..NV {
+                bv[v] = _mm256_loadu_ps(src.add(8 * v));
+            }
+            for i in 0..MR {
+                let av = _mm256_set1_ps(*k.add(i * kk + p));
+                for v in 0..NV {
+                    t[i][v] = _mm256_fmadd_ps(av, bv[v], t[i][v]);
+                }
+            }
+        }
+    }
+    for i in 0..MR {
+        let b = _mm256_set1_ps(bias.get(i).copied().unwrap_or(0.0));
+        for v in 0..NV {
+            let mut r = _mm256_add_ps(t[i][v], b);
+            if relu {
+                r = _mm256_max_ps(r, _mm256_setzero_ps());
+            }
+            // SAFETY: per the contract.
+            unsafe { _mm256_storeu_ps(out.add(i * wq + 8 * v), r) };
+        }
+    }
+}
+
+/// # Safety
+/// AVX2 and FMA present; `k` (n_k, kk), `x` readable at every q + off[p] (q < wq), `out`
+/// (n_k, wq) writable; wq a multiple of 8.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn conv_fwd(
+    n_k: usize,
+    kk: usize,
+    k: *const f32,
+    bias: &[f32],
+    relu: bool,
+    x: *const f32,
+    offs: &[usize],
+    wq: usize,
+    out: *mut f32,
+) {
+    let nvt = wq / 8;
+    let mut v0 = 0;
+    while v0 < nvt {
+        let nv = (nvt - v0).min(CF_NV);
+        let mut i = 0;
+        while i < n_k {
+            let mr = (n_k - i).min(CF_MR);
+            // SAFETY: rows i..i+mr < n_k, positions 8·v0 .. 8·(v0+nv) ≤ wq.
+            unsafe {
+                let (kp, xp, op) = (k.add(i * kk), x.add(8 * v0), out.add(i * wq + 8 * v0));
+                let bias = if bias.is_empty() {
+                    bias
+                } else {
+                    &bias[i..i + mr]
+                };
+                macro_rules! go {
+                    ($($mr:literal),*) => {
+                        match (mr, nv) {
+                            $(
+                                ($mr, 1) => conv_tile::<$mr, 1>(kk, kp, bias, relu, xp, offs, op, wq),
+                                ($mr, 2) => conv_tile::<$mr, 2>(kk, kp, bias, relu, xp, offs, op, wq),
+                                ($mr, 3) => conv_tile::<$mr, 3>(kk, kp, bias, relu, xp, offs, op, wq),
+                                ($mr, 4) => conv_tile::<$mr, 4>(kk, kp, bias, relu, xp, offs, op, wq),
+                                ($mr, 5) => conv_tile::<$mr, 5>(kk, kp, bias, relu, xp, offs, op, wq),
+                                ($mr, 6) => conv_tile::<$mr, 6>(kk, kp, bias, relu, xp, offs, op, wq),
+                            )*
+                            _ => unreachable!("tile {mr}×{nv}"),
+                        }
+                    };
+                }
+                go!(1, 2, 3, 4, 5, 6);
+            }
+            i += mr;
+        }
+        v0 += nv;
+    }
+}
+
+/// One `MR × NR` tile of the kernel gradient: MR maps of dz against NR shifted copies of x,
+/// summed over all m images and wq positions, reduced across lanes once at the end.
+///
+/// # Safety
+/// AVX2 and FMA present; dz rows (e·n_k + i)·wq .. +wq and x at e·xs + off[p] .. +wq readable
+/// for e < m, i < MR, p in the tile; dk + i·kk + p writable.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dk_tile<const MR: usize, const NR: usize>(
+    n_k: usize,
+    kk: usize,
+    dz: *const f32,
+    x: *const f32,
+    xs: usize,
+    m: usize,
+    offs: &[usize],
+    wq: usize,
+    dk: *mut f32,
+    add: bool,
+) {
+    let mut acc = [[_mm256_setzero_ps(); NR]; MR];
+    for e in 0..m {
+        // SAFETY: per the contract.
+        unsafe { dk_image::<MR, NR>(dz.add(e * n_k * wq), x.add(e * xs), offs, wq, &mut acc) };
+    }
+    for i in 0..MR {
+        for j in 0..NR {
+            // SAFETY: per the contract.
+            unsafe {
+                let d = dk.add(i * kk + j);
+                *d = if add {
+                    *d + hsum(acc[i][j])
+                } else {
+                    hsum(acc[i][j])
+                };
+            }
+        }
+    }
+}
+
+/// One image's share of a `dk_tile`: the accumulators live in registers over the image's `wq`
+/// positions.
+///
+/// # Safety
+/// AVX2 and FMA present; dz rows i·wq .. +wq (i < MR) and x + offs[j] .. +wq (j < NR) readable.
+#[target_feature(enable = "avx2,fma")]
+#[inline(never)]
+unsafe fn dk_image<const MR: usize, const NR: usize>(
+    dz: *const f32,
+    x: *const f32,
+    offs: &[usize],
+    wq: usize,
+    acc: &mut [[__m256; NR]; MR],
+) {
+    let mut t = *acc;
+    let mut xp = [x; NR];
+    for j in 0..NR {
+        // SAFETY: per the contract.
+        xp[j] = unsafe { x.add(offs[j]) };
+    }
+    let mut q = 0;
+    while q < wq {
+        // SAFETY: per the contract.
+        unsafe {
+            let mut xv = [_mm256_setzero_ps(); NR];
+            for j in 0..NR {
+                xv[j] = _mm256_loadu_ps(xp[j].add(q));
+            }
+            for i in 0..MR {
+                let dv = _mm256_loadu_ps(dz.add(i * wq + q));
+                for j in 0..NR {
+                    t[i][j] = _mm256_fmadd_ps(dv, xv[j], t[i][j]);
+                }
+            }
+        }
+        q += 8;
+    }
+    *acc = t;
+}
+
+/// # Safety
+/// As `dk_tile`, for all n < n_k and p < kk; wq a multiple of 8.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn conv_dk(
+    n_k: usize,
+    kk: usize,
+    dz: *const f32,
+    x: *const f32,
+    xs: usize,
+    m: usize,
+    offs: &[usize],
+    wq: usize,
+    dk: *mut f32,
+) {
+    // DK_IMAGES images at a time (their maps stay in L1 while every tap tile reads them), map
+    // tiles outer; the group's sums are reduced across lanes once and added to dk.
+    const DK_IMAGES: usize = 2;
+    for e in (0..m).step_by(DK_IMAGES) {
+        let me = DK_IMAGES.min(m - e);
+        // SAFETY: image e < m starts inside dz and x.
+        let (dz, x, add) = unsafe { (dz.add(e * n_k * wq), x.add(e * xs), e > 0) };
+        let mut i = 0;
+        while i < n_k {
+            let mr = (n_k - i).min(CD_MR);
+            let mut p = 0;
+            while p < kk {
+                let nr = (kk - p).min(CD_NR);
+                // SAFETY: maps i..i+mr < n_k and taps p..p+nr ≤ kk of images e..e+me are in bounds.
+                unsafe {
+                    let (dzp, dkp, o) = (dz.add(i * wq), dk.add(i * kk + p), &offs[p..p + nr]);
+                    macro_rules! go {
+                        ($($mr:literal),*) => {
+                            match (mr, nr) {
+                                $(
+                                    ($mr, 1) => dk_tile::<$mr, 1>(n_k, kk, dzp, x, xs, me, o, wq, dkp, add),
+                                    ($mr, 2) => dk_tile::<$mr, 2>(n_k, kk, dzp, x, xs, me, o, wq, dkp, add),
+                                    ($mr, 3) => dk_tile::<$mr, 3>(n_k, kk, dzp, x, xs, me, o, wq, dkp, add),
+                                    ($mr, 4) => dk_tile::<$mr, 4>(n_k, kk, dzp, x, xs, me, o, wq, dkp, add),
+                                )*
+                                _ => unreachable!("tile {mr}×{nr}"),
+                            }
+                        };
+                    }
+                    go!(1, 2, 3, 4, 5, 6);
+                }
+                p += nr;
+            }
+            i += mr;
+        }
+    }
+}
+
+/// Eight u8 pixels at `src` as f32 / 255.
+///
+/// # Safety
+/// AVX2 present; 8 bytes readable at src.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn eight(src: *const u8, scale: __m256) -> __m256 {
+    // SAFETY: per the contract (an unaligned 8-byte load).
+    let b = unsafe { _mm_loadl_epi64(src as *const __m128i) };
+    _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)), scale)
+}
+
+/// The `ks` column-shifted f32 copies of one u8 image (see `Wide::fill`): full runs of 8 pixels
+/// in vectors, the rest of each row one at a time, with the same `f32::from(p) · (1/255)`.
+///
+/// # Safety
+/// AVX2 present; bounds as checked in `Wide::fill`.
+#[target_feature(enable = "avx2")]
+pub unsafe fn fill_shifted(x: *const u8, img: usize, ks: usize, conv: usize, out: *mut f32) {
+    let scale = _mm256_set1_ps(1.0 / 255.0);
+    let js = img * conv;
+    let full = conv / 8 * 8;
+    for j in 0..ks {
+        for rr in 0..img {
+            // SAFETY: per the contract: reads x[rr·img + j + c], c < conv ≤ img − j; writes
+            // out[j·js + rr·conv + c], c < conv.
+            unsafe {
+                let src = x.add(rr * img + j);
+                let dst = out.add(j * js + rr * conv);
+                let mut c = 0;
+                while c < full {
+                    _mm256_storeu_ps(dst.add(c), eight(src.add(c), scale));
+                    c += 8;
+                }
+                while c < conv {
+                    *dst.add(c) = f32::from(*src.add(c)) * (1.0 / 255.0);
+                    c += 1;
+                }
+            }
+        }
+    }
+}
+
+/// # Safety
+/// AVX2 and FMA present.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn fma_loop(iters: usize) -> f32 {
+    let mut t = [_mm256_setzero_ps(); 12];
+    let (a, b) = (_mm256_set1_ps(1.000_000_1), _mm256_set1_ps(0.999_999_9));
+    for _ in 0..iters {
+        for v in t.iter_mut() {
+            *v = _mm256_fmadd_ps(*v, a, b);
+        }
+    }
+    let mut s = _mm256_setzero_ps();
+    for v in t {
+        s = _mm256_add_ps(s, v);
+    }
+    hsum(s)
+}
+
+/// Independent vectors in [`fma_loop`]'s body.
+pub const FMA_LOOP_VECTORS: usize = 12;
+
+/// # Safety
+/// AVX2 present; `8·n` bytes readable at src and floats writable at dst.
+#[target_feature(enable = "avx2")]
+pub unsafe fn pixels(src: *const u8, dst: *mut f32, n: usize) {
+    let scale = _mm256_set1_ps(1.0 / 255.0);
+    for i in 0..n {
+        // SAFETY: per the contract.
+        unsafe { _mm256_storeu_ps(dst.add(8 * i), eight(src.add(8 * i), scale)) };
+    }
+}
+
+/// # Safety
+/// AVX2 present; `8·n` floats readable and writable at v.
+#[target_feature(enable = "avx2")]
+pub unsafe fn relu(v: *mut f32, n: usize) {
+    let zero = _mm256_setzero_ps();
+    for i in 0..n {
+        // SAFETY: per the contract. max(x, 0) returns 0 for NaN, as f32::max does.
+        unsafe {
+            _mm256_storeu_ps(
+                v.add(8 * i),
+                _mm256_max_ps(_mm256_loadu_ps(v.add(8 * i)), zero),
+            )
+        };
+    }
+}
+
+/// 2×2 mean pooling, 16 columns (8 outputs) per step: `((a0 + b0) + (a1 + b1)) · ¼` as in the
+/// plain loop (the vertical sums first, then the horizontal pair); leftover columns one at a time.
+///
+/// # Safety
+/// AVX2 present; map rows 0..2·pooled (stride img) readable for 2·pooled columns, out writable
+/// for pooled² floats.
+#[target_feature(enable = "avx2")]
+pub unsafe fn mean_pool2(map: *const f32, img: usize, pooled: usize, out: *mut f32) {
+    let quarter = _mm256_set1_ps(0.25);
+    for r in 0..pooled {
+        // SAFETY: per the contract: columns below 2·pooled of rows 2r and 2r+1, outputs of row r.
+        unsafe {
+            let (a, b, o) = (
+                map.add(2 * r * img),
+                map.add((2 * r + 1) * img),
+                out.add(r * pooled),
+            );
+            let mut c = 0;
+            while c + 8 <= pooled {
+                let lo =
+                    _mm256_add_ps(_mm256_loadu_ps(a.add(2 * c)), _mm256_loadu_ps(b.add(2 * c)));
+                let hi = _mm256_add_ps(
+                    _mm256_loadu_ps(a.add(2 * c + 8)),
+                    _mm256_loadu_ps(b.add(2 * c + 8)),
+                );
+                // hadd interleaves the 128-bit halves: [lo01 lo23 hi01 hi23 | lo45 lo67 hi45 hi67]
+                let h = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(
+                    _mm256_hadd_ps(lo, hi),
+                )));
+                _mm256_storeu_ps(o.add(c), _mm256_mul_ps(h, quarter));
+                c += 8;
+            }
+            while c < pooled {
+                let (a0, a1, b0, b1) = (
+                    *a.add(2 * c),
+                    *a.add(2 * c + 1),
+                    *b.add(2 * c),
+                    *b.add(2 * c + 1),
+                );
+                *o.add(c) = ((a0 + b0) + (a1 + b1)) * 0.25;
+                c += 1;
+            }
+        }
+    }
+}
+
+/// Backward of [`mean_pool2`] through a ReLU, 8 columns per step; leftover columns one at a time.
+///
+/// # Safety
+/// AVX2 present; g has pooled² floats; y and dz rows 0..2·pooled (stride img) hold 2·pooled
+/// floats.
+#[target_feature(enable = "avx2")]
+pub unsafe fn mean_repool2_relu(
+    g: *const f32,
+    y: *const f32,
+    img: usize,
+    pooled: usize,
+    dz: *mut f32,
+) {
+    let w = 2 * pooled;
+    let dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+    let (quarter, zero) = (_mm256_set1_ps(0.25), _mm256_setzero_ps());
+    for r in 0..w {
+        // SAFETY: per the contract: g[(r/2)·pooled + c/2 ..+4] with c + 8 ≤ w stays in g's row;
+        // y and dz columns below w.
+        unsafe {
+            let (gr, yr, dr) = (g.add((r / 2) * pooled), y.add(r * img), dz.add(r * img));
+            let mut c = 0;
+            while c + 8 <= w {
+                let g4 = _mm_mul_ps(_mm_loadu_ps(gr.add(c / 2)), _mm256_castps256_ps128(quarter));
+                let gv = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(g4), dup);
+                let pos = _mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_loadu_ps(yr.add(c)), zero);
+                _mm256_storeu_ps(dr.add(c), _mm256_and_ps(pos, gv));
+                c += 8;
+            }
+            while c < w {
+                let v = *gr.add(c / 2) * 0.25;
+                *dr.add(c) = if *yr.add(c) > 0.0 { v } else { 0.0 };
+                c += 1;
+            }
+        }
+    }
+}
+
+/// One `MR × NR` tile of dot products C = A·Bᵀ along k: full vectors, then a masked tail.
+///
+/// # Safety
+/// AVX2 and FMA present; rows i < MR of A at a + i·lda and j < NR of B at b + j·ldb hold k
+/// readable floats; C's tile at c + i·ldc + j is writable.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn nt_tile<const MR: usize, const NR: usize>(
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    acc: bool,
+) {
+    let mut t = [[_mm256_setzero_ps(); NR]; MR];
+    let mut p = 0;
+    while p + 8 <= k {
+        // SAFETY: lanes p..p+8 ≤ k of each row are in bounds.
+        unsafe {
+            let mut bv = [_mm256_setzero_ps(); NR];
+            for j in 0..NR {
+                bv[j] = _mm256_loadu_ps(b.add(j * ldb + p));
+            }
+            for i in 0..MR {
+                let av = _mm256_loadu_ps(a.add(i * lda + p));
+                for j in 0..NR {
+                    t[i][j] = _mm256_fmadd_ps(av, bv[j], t[i][j]);
+                }
+            }
+        }
+        p += 8;
+    }
+    if p < k {
+        let m = mask(k - p);
+        // SAFETY: lanes p..k of each row are in bounds; masked lanes are not read.
+        unsafe {
+            let mut bv = [_mm256_setzero_ps(); NR];
+            for j in 0..NR {
+                bv[j] = _mm256_maskload_ps(b.add(j * ldb + p), m);
+            }
+            for i in 0..MR {
+                let av = _mm256_maskload_ps(a.add(i * lda + p), m);
+                for j in 0..NR {
+                    t[i][j] = _mm256_fmadd_ps(av, bv[j], t[i][j]);
+                }
+            }
+        }
+    }
+    for i in 0..MR {
+        for j in 0..NR {
+            let s = hsum(t[i][j]);
+            // SAFETY: C's tile is in bounds, per the contract.
+            unsafe {
+                let dst = c.add(i * ldc + j);
+                *dst = if acc { *dst + s } else { s };
+            }
+        }
+    }
+}
+
+/// # Safety
+/// AVX2 and FMA present and every index in bounds (see `gemm_nt`).
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn nt(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    acc: bool,
+) {
+    // B's row tile outer: it is loaded once from L2 while A's rows are reused from L1.
+    let mut j = 0;
+    while j < n {
+        let nr = (n - j).min(NT_NR);
+        let mut i = 0;
+        while i < m {
+            let mr = (m - i).min(NT_MR);
+            // SAFETY: the tile covers rows i..i+mr < m of A and C, rows j..j+nr < n of B.
+            unsafe {
+                let (ap, bp, cp) = (a.add(i * lda), b.add(j * ldb), c.add(i * ldc + j));
+                macro_rules! go {
+                    ($($mr:literal),*) => {
+                        match (mr, nr) {
+                            $(
+                                ($mr, 1) => nt_tile::<$mr, 1>(k, ap, lda, bp, ldb, cp, ldc, acc),
+                                ($mr, 2) => nt_tile::<$mr, 2>(k, ap, lda, bp, ldb, cp, ldc, acc),
+                                ($mr, 3) => nt_tile::<$mr, 3>(k, ap, lda, bp, ldb, cp, ldc, acc),
+                            )*
+                            _ => unreachable!("tile {mr}×{nr}"),
+                        }
+                    };
+                }
+                go!(1, 2, 3, 4);
+            }
+            i += mr;
+        }
+        j += nr;
+    }
+}
