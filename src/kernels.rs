@@ -1833,7 +1833,15 @@ mod tests {
         let want: Vec<f32> = v.iter().map(|x| x.max(0.0)).collect();
         relu_in_place_on(be, &mut v);
         assert_eq!(v, want, "{be:?}");
-        for (img, pooled) in [(28, 10), (12, 6), (40, 16), (5, 1), (40, 20)] {
+        for (img, pooled) in [
+            (28, 10),
+            (12, 6),
+            (40, 16),
+            (5, 1),
+            (40, 20),
+            (14, 7),
+            (6, 3),
+        ] {
             let map = rand_vec(2 * pooled * img, 4);
             let mut out = vec![0.0; pooled * pooled];
             mean_pool2_on(be, &map, img, pooled, &mut out);

@@ -17,6 +17,8 @@ const NN_MR: usize = 6;
 const NN_NV: usize = 2;
 /// Depth of one pass over k: B's `NN_KC × 16` panel stays in L1 while every row tile uses it.
 const NN_KC: usize = 128;
+/// How far ahead along B's row `nn` prefetches (floats): two column tiles.
+const NN_PF: usize = 2 * NN_NV * 8;
 /// Rows of A and of B per `nt` tile: 4×3 = 12 dot products at once.
 const NT_MR: usize = 4;
 const NT_NR: usize = 3;
@@ -35,6 +37,13 @@ fn mask(w: usize) -> __m256i {
         _mm256_set1_epi32(w.min(8) as i32),
         _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
     )
+}
+
+/// Lanes `0..w` of a 4-lane vector, as the all-ones lanes of an integer mask.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn mask4(w: usize) -> __m128i {
+    _mm_cmpgt_epi32(_mm_set1_epi32(w.min(4) as i32), _mm_setr_epi32(0, 1, 2, 3))
 }
 
 /// The sum of the 8 lanes, always in the same order: halves, then pairs, then the last two.
@@ -64,6 +73,7 @@ unsafe fn nn_tile<const MR: usize, const NV: usize, const MASKED: bool>(
     ldc: usize,
     last: __m256i,
     acc: bool,
+    pf: bool,
 ) {
     let mut t = [[_mm256_setzero_ps(); NV]; MR];
     for p in 0..k {
@@ -71,6 +81,12 @@ unsafe fn nn_tile<const MR: usize, const NV: usize, const MASKED: bool>(
         // masked lanes are not read.
         unsafe {
             let brow = b.add(p * ldb);
+            // The same row of the next column tiles, fetched ahead by the first row tile: B's
+            // rows lie `ldb` apart, too many streams for the hardware prefetcher (a hint; it
+            // never faults).
+            if pf {
+                _mm_prefetch::<_MM_HINT_T0>(brow.wrapping_add(NN_PF) as *const i8);
+            }
             let mut bv = [_mm256_setzero_ps(); NV];
             for v in 0..NV {
                 bv[v] = if MASKED && v + 1 == NV {
@@ -155,10 +171,10 @@ pub unsafe fn nn(
                         ($($mr:literal),*) => {
                             match (mr, nv, tail == 8) {
                                 $(
-                                    ($mr, 1, true) => nn_tile::<$mr, 1, false>(kc, ap, ars, acs, bp, ldb, cp, ldc, last, acc),
-                                    ($mr, 2, true) => nn_tile::<$mr, 2, false>(kc, ap, ars, acs, bp, ldb, cp, ldc, last, acc),
-                                    ($mr, 1, false) => nn_tile::<$mr, 1, true>(kc, ap, ars, acs, bp, ldb, cp, ldc, last, acc),
-                                    ($mr, 2, false) => nn_tile::<$mr, 2, true>(kc, ap, ars, acs, bp, ldb, cp, ldc, last, acc),
+                                    ($mr, 1, true) => nn_tile::<$mr, 1, false>(kc, ap, ars, acs, bp, ldb, cp, ldc, last, acc, i == 0),
+                                    ($mr, 2, true) => nn_tile::<$mr, 2, false>(kc, ap, ars, acs, bp, ldb, cp, ldc, last, acc, i == 0),
+                                    ($mr, 1, false) => nn_tile::<$mr, 1, true>(kc, ap, ars, acs, bp, ldb, cp, ldc, last, acc, i == 0),
+                                    ($mr, 2, false) => nn_tile::<$mr, 2, true>(kc, ap, ars, acs, bp, ldb, cp, ldc, last, acc, i == 0),
                                 )*
                                 _ => unreachable!("tile {mr}×{nv}"),
                             }
@@ -500,8 +516,9 @@ pub unsafe fn relu(v: *mut f32, n: usize) {
     }
 }
 
-/// 2×2 mean pooling, 16 columns (8 outputs) per step: `((a0 + b0) + (a1 + b1)) · ¼` as in the
-/// plain loop (the vertical sums first, then the horizontal pair); leftover columns one at a time.
+/// 2×2 mean pooling, 16 columns (8 outputs) per step, then 8 columns, then a masked rest:
+/// `((a0 + b0) + (a1 + b1)) · ¼` as in the plain loop (the vertical sums first, then the
+/// horizontal pair).
 ///
 /// # Safety
 /// AVX2 present; map rows 0..2·pooled (stride img) readable for 2·pooled columns, out writable
@@ -532,21 +549,35 @@ pub unsafe fn mean_pool2(map: *const f32, img: usize, pooled: usize, out: *mut f
                 _mm256_storeu_ps(o.add(c), _mm256_mul_ps(h, quarter));
                 c += 8;
             }
-            while c < pooled {
-                let (a0, a1, b0, b1) = (
-                    *a.add(2 * c),
-                    *a.add(2 * c + 1),
-                    *b.add(2 * c),
-                    *b.add(2 * c + 1),
+            let q4 = _mm256_castps256_ps128(quarter);
+            if c + 4 <= pooled {
+                let lo = _mm_add_ps(_mm_loadu_ps(a.add(2 * c)), _mm_loadu_ps(b.add(2 * c)));
+                let hi = _mm_add_ps(
+                    _mm_loadu_ps(a.add(2 * c + 4)),
+                    _mm_loadu_ps(b.add(2 * c + 4)),
                 );
-                *o.add(c) = ((a0 + b0) + (a1 + b1)) * 0.25;
-                c += 1;
+                _mm_storeu_ps(o.add(c), _mm_mul_ps(_mm_hadd_ps(lo, hi), q4));
+                c += 4;
+            }
+            if c < pooled {
+                // 1 to 3 outputs from 2 to 6 columns; masked lanes are neither read nor written.
+                let r = pooled - c;
+                let (ml, mh) = (mask4(2 * r), mask4((2 * r).saturating_sub(4)));
+                let lo = _mm_add_ps(
+                    _mm_maskload_ps(a.add(2 * c), ml),
+                    _mm_maskload_ps(b.add(2 * c), ml),
+                );
+                let hi = _mm_add_ps(
+                    _mm_maskload_ps(a.add(2 * c + 4), mh),
+                    _mm_maskload_ps(b.add(2 * c + 4), mh),
+                );
+                _mm_maskstore_ps(o.add(c), mask4(r), _mm_mul_ps(_mm_hadd_ps(lo, hi), q4));
             }
         }
     }
 }
 
-/// Backward of [`mean_pool2`] through a ReLU, 8 columns per step; leftover columns one at a time.
+/// Backward of [`mean_pool2`] through a ReLU, 8 columns per step, then 4, then the last 2.
 ///
 /// # Safety
 /// AVX2 present; g has pooled² floats; y and dz rows 0..2·pooled (stride img) hold 2·pooled
@@ -574,6 +605,15 @@ pub unsafe fn mean_repool2_relu(
                 let pos = _mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_loadu_ps(yr.add(c)), zero);
                 _mm256_storeu_ps(dr.add(c), _mm256_and_ps(pos, gv));
                 c += 8;
+            }
+            let q4 = _mm256_castps256_ps128(quarter);
+            if c + 4 <= w {
+                // g[c/2], g[c/2 + 1] as one 8-byte load, each repeated twice.
+                let g2 = _mm_castsi128_ps(_mm_loadl_epi64(gr.add(c / 2) as *const __m128i));
+                let gv = _mm_mul_ps(_mm_unpacklo_ps(g2, g2), q4);
+                let pos = _mm_cmpgt_ps(_mm_loadu_ps(yr.add(c)), _mm_setzero_ps());
+                _mm_storeu_ps(dr.add(c), _mm_and_ps(pos, gv));
+                c += 4;
             }
             while c < w {
                 let v = *gr.add(c / 2) * 0.25;
