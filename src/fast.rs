@@ -198,13 +198,14 @@ pub fn forward_backward(
     // B. dense weight gradients over the whole batch.
     rayon::join(
         || {
-            // dw_m1 (H, F) = dv1ᵀ · y2: 12 rows (a multiple of the kernel's 6-row tile) per task.
-            gw1.par_chunks_mut(12 * f).enumerate().for_each(|(t, out)| {
+            // dw_m1 (H, F) = dv1ᵀ · y2: 6 rows (the kernel's row tile) per task, enough tasks
+            // to balance the threads.
+            gw1.par_chunks_mut(6 * f).enumerate().for_each(|(t, out)| {
                 gemm_nn(
                     out.len() / f,
                     f,
                     b,
-                    &dv1[t * 12..],
+                    &dv1[t * 6..],
                     1,
                     h,
                     y2,

@@ -360,24 +360,26 @@ pub fn train_from(
                 if s < state.step {
                     continue;
                 }
-                // Form the batch: u8 images, shifted if augmenting, in parallel.
-                bimg[..b * px]
-                    .par_chunks_mut(px)
-                    .zip(ids.par_iter().zip(shifts.par_iter()))
-                    .for_each(|(dst, (&id, &(dy, dx)))| {
-                        let src = &train.images[id * px..(id + 1) * px];
-                        if tc.shift > 0 {
+                // The batch's u8 images: read in place through `ids`, or, when augmenting,
+                // shifted copies formed in parallel.
+                let (images, labels, bids) = if tc.shift > 0 {
+                    bimg[..b * px]
+                        .par_chunks_mut(px)
+                        .zip(ids.par_iter().zip(shifts.par_iter()))
+                        .for_each(|(dst, (&id, &(dy, dx)))| {
+                            let src = &train.images[id * px..(id + 1) * px];
                             shift_image(src, dst, cfg.img, dy, dx);
-                        } else {
-                            dst.copy_from_slice(src);
-                        }
-                    });
+                        });
+                    (&bimg[..], &blab[..], &bidx[..b])
+                } else {
+                    (&train.images[..], &train.labels[..], ids)
+                };
                 let st = fast::forward_backward(
                     cfg,
                     &state.params,
-                    &bimg,
-                    &blab,
-                    &bidx[..b],
+                    images,
+                    labels,
+                    bids,
                     &mut ws,
                     &mut grads,
                 );
