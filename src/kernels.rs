@@ -7,10 +7,12 @@
 //! - [`gemm_nt`]: `C (m×n) = A (m×k) · Bᵀ` with `B` given as `n×k`, both row-major: dot products
 //!   along the contiguous `k` (dense forward over the 2000 inputs, kernel gradient over positions).
 //!
-//! Each has three implementations with one contract: a hand-written AVX-512 kernel (register-tiled,
-//! masked tails, FMA), chosen at run time when the CPU has AVX-512F; a portable path through the
-//! `matrixmultiply` crate otherwise; and the plain loops [`gemm_nn_naive`] / [`gemm_nt_naive`]
-//! that tests hold the others to.
+//! Each has four implementations with one contract, chosen at run time ([`backend`]): a
+//! hand-written AVX-512 kernel (register-tiled, masked tails, FMA) when the CPU has AVX-512F; the
+//! same tiles narrowed to AVX2 + FMA (`kernels/avx2.rs`, 8 lanes, 16 registers) when it has those; a
+//! portable path through the `matrixmultiply` crate otherwise; and the plain loops
+//! [`gemm_nn_naive`] / [`gemm_nt_naive`] that tests hold the others to. The conv, pooling and
+//! elementwise kernels follow the same pattern, with plain loops as their portable path.
 //!
 //! Every output element is computed by one fixed sequence of operations whatever the tiling, so
 //! splitting `m` among threads never changes a result.
