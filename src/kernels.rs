@@ -254,47 +254,19 @@ pub fn gemm_nn_on(
     }
     match be.resolve() {
         #[cfg(target_arch = "x86_64")]
-        Backend::Avx2 => {
-            // SAFETY: `resolve` checked `is_x86_feature_detected!` for "avx2" and "fma".
-            // `check_nn` asserted that every index the kernel reads and writes lies inside the
-            // slices (as for AVX-512 below); `c` is an exclusive borrow.
+        be @ (Backend::Avx512 | Backend::Avx2) => {
+            let (ap, bp, cp) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+            // SAFETY: `resolve` checked `is_x86_feature_detected!` for the backend's features
+            // ("avx512f", or "avx2" and "fma"). `check_nn` asserted that every index the kernel
+            // reads (A: i·ars + p·acs for i < m, p < k; B: p·ldb + j for j < n) and writes
+            // (C: i·ldc + j, with ldc ≥ n so rows do not overlap) lies inside the slices; `c` is
+            // an exclusive borrow, so no other reference aliases the written memory.
             unsafe {
-                avx2::nn(
-                    m,
-                    n,
-                    k,
-                    a.as_ptr(),
-                    ars,
-                    acs,
-                    b.as_ptr(),
-                    ldb,
-                    c.as_mut_ptr(),
-                    ldc,
-                    acc,
-                )
-            }
-        }
-        #[cfg(target_arch = "x86_64")]
-        Backend::Avx512 => {
-            // SAFETY: `resolve` checked `is_x86_feature_detected!("avx512f")`.
-            // `check_nn` asserted that every index the kernel reads (A: i·ars + p·acs for i < m,
-            // p < k; B: p·ldb + j for j < n) and writes (C: i·ldc + j, with ldc ≥ n so rows do not
-            // overlap) lies inside the slices; `c` is an exclusive borrow, so no other reference
-            // aliases the written memory.
-            unsafe {
-                avx512::nn(
-                    m,
-                    n,
-                    k,
-                    a.as_ptr(),
-                    ars,
-                    acs,
-                    b.as_ptr(),
-                    ldb,
-                    c.as_mut_ptr(),
-                    ldc,
-                    acc,
-                )
+                if be == Backend::Avx512 {
+                    avx512::nn(m, n, k, ap, ars, acs, bp, ldb, cp, ldc, acc)
+                } else {
+                    avx2::nn(m, n, k, ap, ars, acs, bp, ldb, cp, ldc, acc)
+                }
             }
         }
         _ => {
@@ -364,42 +336,18 @@ pub fn gemm_nt_on(
     }
     match be.resolve() {
         #[cfg(target_arch = "x86_64")]
-        Backend::Avx2 => {
-            // SAFETY: `resolve` checked `is_x86_feature_detected!` for "avx2" and "fma";
-            // `check_nt` bounded every index (as for AVX-512 below); `c` is an exclusive borrow.
+        be @ (Backend::Avx512 | Backend::Avx2) => {
+            let (ap, bp, cp) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+            // SAFETY: `resolve` checked `is_x86_feature_detected!` for the backend's features
+            // ("avx512f", or "avx2" and "fma"). `check_nt` asserted that A's rows
+            // i·lda..i·lda+k (i < m), B's rows j·ldb..j·ldb+k (j < n) and C's elements
+            // i·ldc + j (ldc ≥ n) lie inside the slices; `c` is an exclusive borrow.
             unsafe {
-                avx2::nt(
-                    m,
-                    n,
-                    k,
-                    a.as_ptr(),
-                    lda,
-                    b.as_ptr(),
-                    ldb,
-                    c.as_mut_ptr(),
-                    ldc,
-                    acc,
-                )
-            }
-        }
-        #[cfg(target_arch = "x86_64")]
-        Backend::Avx512 => {
-            // SAFETY: `resolve` checked `is_x86_feature_detected!("avx512f")`. `check_nt` asserted that A's rows
-            // i·lda..i·lda+k (i < m), B's rows j·ldb..j·ldb+k (j < n) and C's elements i·ldc + j
-            // (ldc ≥ n) lie inside the slices; `c` is an exclusive borrow.
-            unsafe {
-                avx512::nt(
-                    m,
-                    n,
-                    k,
-                    a.as_ptr(),
-                    lda,
-                    b.as_ptr(),
-                    ldb,
-                    c.as_mut_ptr(),
-                    ldc,
-                    acc,
-                )
+                if be == Backend::Avx512 {
+                    avx512::nt(m, n, k, ap, lda, bp, ldb, cp, ldc, acc)
+                } else {
+                    avx2::nt(m, n, k, ap, lda, bp, ldb, cp, ldc, acc)
+                }
             }
         }
         _ => {
@@ -592,48 +540,21 @@ pub fn conv_wide_fused_on(
     );
     assert!(out.len() >= m * n_k * wq, "conv: out too short");
     #[cfg(target_arch = "x86_64")]
-    if be.resolve() == Backend::Avx2 && kk <= MAX_TAPS {
-        let offs = w.offsets();
+    if be.resolve() != Backend::Portable && kk <= MAX_TAPS {
+        let (offs, simd) = (w.offsets(), be.resolve());
         let offs = &offs[..kk];
         for e in 0..m {
-            // SAFETY: AVX2 and FMA were detected. Same bounds as for AVX-512 below (wq is a
-            // multiple of 16, so of the kernel's 8).
+            let (xp, op) = (x[e * xs..].as_ptr(), out[e * n_k * wq..].as_mut_ptr());
+            // SAFETY: `resolve` detected the backend's features (AVX-512F, or AVX2 and FMA).
+            // Reads: k[n·kk + p] (n < n_k, p < kk), and x[e·xs + q + off(p)] for q < wq, which
+            // is < e·xs + xs by the definition of `slot` and within x by the assertion. Writes:
+            // out[(e·n_k + n)·wq + q], q < wq, within out. wq is a multiple of 16 (and of 8).
             unsafe {
-                avx2::conv_fwd(
-                    n_k,
-                    kk,
-                    k.as_ptr(),
-                    bias,
-                    relu,
-                    x.as_ptr().add(e * xs),
-                    offs,
-                    wq,
-                    out.as_mut_ptr().add(e * n_k * wq),
-                )
-            };
-        }
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if be.resolve() == Backend::Avx512 && kk <= MAX_TAPS {
-        let offs = w.offsets();
-        let offs = &offs[..kk];
-        for e in 0..m {
-            // SAFETY: AVX-512F was detected. Reads: k[n·kk + p] (n < n_k, p < kk), and
-            // x[e·xs + q + off(p)] for q < wq, which is < e·xs + xs by the definition of `slot`
-            // and within x by the assertion. Writes: out[(e·n_k + n)·wq + q], q < wq, within out.
-            unsafe {
-                avx512::conv_fwd(
-                    n_k,
-                    kk,
-                    k.as_ptr(),
-                    bias,
-                    relu,
-                    x.as_ptr().add(e * xs),
-                    offs,
-                    wq,
-                    out.as_mut_ptr().add(e * n_k * wq),
-                )
+                if simd == Backend::Avx512 {
+                    avx512::conv_fwd(n_k, kk, k.as_ptr(), bias, relu, xp, offs, wq, op)
+                } else {
+                    avx2::conv_fwd(n_k, kk, k.as_ptr(), bias, relu, xp, offs, wq, op)
+                }
             };
         }
         return;
@@ -702,44 +623,20 @@ pub fn conv_wide_dk_on(
     assert!(x.len() >= m * xs, "conv dk: x too short");
     assert!(dk.len() >= n_k * kk, "conv dk: dk too short");
     #[cfg(target_arch = "x86_64")]
-    if be.resolve() == Backend::Avx2 && kk <= MAX_TAPS {
-        let offs = w.offsets();
+    if be.resolve() != Backend::Portable && kk <= MAX_TAPS {
+        let (offs, simd) = (w.offsets(), be.resolve());
         let offs = &offs[..kk];
-        // SAFETY: AVX2 and FMA were detected. Same bounds as for AVX-512 below.
+        let (dzp, xp, dkp) = (dz.as_ptr(), x.as_ptr(), dk.as_mut_ptr());
+        // SAFETY: `resolve` detected the backend's features (AVX-512F, or AVX2 and FMA). Reads
+        // dz[(e·n_k + n)·wq + q] and x[e·xs + q + off(p)] for e < m, n < n_k, q < wq, p < kk,
+        // all within the slices (assertions above and the definition of `slot`); writes
+        // dk[n·kk + p], within dk.
         unsafe {
-            avx2::conv_dk(
-                n_k,
-                kk,
-                dz.as_ptr(),
-                x.as_ptr(),
-                xs,
-                m,
-                offs,
-                wq,
-                dk.as_mut_ptr(),
-            )
-        };
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if be.resolve() == Backend::Avx512 && kk <= MAX_TAPS {
-        let offs = w.offsets();
-        let offs = &offs[..kk];
-        // SAFETY: AVX-512F was detected. Reads dz[(e·n_k + n)·wq + q] and x[e·xs + q + off(p)]
-        // for e < m, n < n_k, q < wq, p < kk, all within the slices (assertions above and the
-        // definition of `slot`); writes dk[n·kk + p], within dk.
-        unsafe {
-            avx512::conv_dk(
-                n_k,
-                kk,
-                dz.as_ptr(),
-                x.as_ptr(),
-                xs,
-                m,
-                offs,
-                wq,
-                dk.as_mut_ptr(),
-            )
+            if simd == Backend::Avx512 {
+                avx512::conv_dk(n_k, kk, dzp, xp, xs, m, offs, wq, dkp)
+            } else {
+                avx2::conv_dk(n_k, kk, dzp, xp, xs, m, offs, wq, dkp)
+            }
         };
         return;
     }
