@@ -425,6 +425,8 @@ impl Wide {
     /// # Panics
     /// If `x` or `slot` is too short.
     pub fn fill_on(&self, be: Backend, x: &[u8], slot: &mut [f32]) {
+        // The backend that runs: one this CPU lacks is `Portable`.
+        let be = be.resolve();
         let (img, conv, js) = (self.img, self.conv(), self.js());
         let slot = &mut slot[..self.slot()];
         assert!(
@@ -434,7 +436,7 @@ impl Wide {
             img * img
         );
         #[cfg(target_arch = "x86_64")]
-        if be.resolve() == Backend::Avx512 && conv <= 32 && has_avx512bw_vl() {
+        if be == Backend::Avx512 && conv <= 32 && has_avx512bw_vl() {
             // SAFETY: AVX-512F, BW and VL were detected. Reads x[rr·img + j + c] for rr < img, c < conv,
             // j < ks (so j + c < img): within x; lanes past conv are masked off. Writes
             // slot[j·js + rr·conv + c], c < conv: below ks·js ≤ slot.len().
@@ -443,7 +445,7 @@ impl Wide {
             return;
         }
         #[cfg(target_arch = "x86_64")]
-        if be.resolve() != Backend::Portable && has_avx2_fma() {
+        if be != Backend::Portable && has_avx2_fma() {
             // SAFETY: AVX2 was detected. Reads x[rr·img + j + c] for rr < img, c < conv, j < ks
             // (so j + c < img, and a vector of 8 is read only where c + 8 ≤ conv): within x.
             // Writes slot[j·js + rr·conv + c], c < conv: below ks·js ≤ slot.len().
@@ -524,6 +526,8 @@ pub fn conv_wide_fused_on(
     m: usize,
     out: &mut [f32],
 ) {
+    // The backend that runs: one this CPU lacks is `Portable`.
+    let be = be.resolve();
     w.check();
     assert!(
         bias.is_empty() || bias.len() == n_k,
@@ -540,8 +544,8 @@ pub fn conv_wide_fused_on(
     );
     assert!(out.len() >= m * n_k * wq, "conv: out too short");
     #[cfg(target_arch = "x86_64")]
-    if be.resolve() != Backend::Portable && kk <= MAX_TAPS {
-        let (offs, simd) = (w.offsets(), be.resolve());
+    if be != Backend::Portable && kk <= MAX_TAPS {
+        let offs = w.offsets();
         let offs = &offs[..kk];
         for e in 0..m {
             let (xp, op) = (x[e * xs..].as_ptr(), out[e * n_k * wq..].as_mut_ptr());
@@ -550,7 +554,7 @@ pub fn conv_wide_fused_on(
             // is < e·xs + xs by the definition of `slot` and within x by the assertion. Writes:
             // out[(e·n_k + n)·wq + q], q < wq, within out. wq is a multiple of 16 (and of 8).
             unsafe {
-                if simd == Backend::Avx512 {
+                if be == Backend::Avx512 {
                     avx512::conv_fwd(n_k, kk, k.as_ptr(), bias, relu, xp, offs, wq, op)
                 } else {
                     avx2::conv_fwd(n_k, kk, k.as_ptr(), bias, relu, xp, offs, wq, op)
@@ -617,14 +621,16 @@ pub fn conv_wide_dk_on(
     m: usize,
     dk: &mut [f32],
 ) {
+    // The backend that runs: one this CPU lacks is `Portable`.
+    let be = be.resolve();
     w.check();
     let (kk, wq, xs) = (w.ks * w.ks, w.wq(), w.slot());
     assert!(dz.len() >= m * n_k * wq, "conv dk: dz too short");
     assert!(x.len() >= m * xs, "conv dk: x too short");
     assert!(dk.len() >= n_k * kk, "conv dk: dk too short");
     #[cfg(target_arch = "x86_64")]
-    if be.resolve() != Backend::Portable && kk <= MAX_TAPS {
-        let (offs, simd) = (w.offsets(), be.resolve());
+    if be != Backend::Portable && kk <= MAX_TAPS {
+        let offs = w.offsets();
         let offs = &offs[..kk];
         let (dzp, xp, dkp) = (dz.as_ptr(), x.as_ptr(), dk.as_mut_ptr());
         // SAFETY: `resolve` detected the backend's features (AVX-512F, or AVX2 and FMA). Reads
@@ -632,7 +638,7 @@ pub fn conv_wide_dk_on(
         // all within the slices (assertions above and the definition of `slot`); writes
         // dk[n·kk + p], within dk.
         unsafe {
-            if simd == Backend::Avx512 {
+            if be == Backend::Avx512 {
                 avx512::conv_dk(n_k, kk, dzp, xp, xs, m, offs, wq, dkp)
             } else {
                 avx2::conv_dk(n_k, kk, dzp, xp, xs, m, offs, wq, dkp)
@@ -672,16 +678,18 @@ pub fn pixels_to_f32(src: &[u8], dst: &mut [f32]) {
 /// # Panics
 /// If `dst` is shorter than `src`.
 pub fn pixels_to_f32_on(be: Backend, src: &[u8], dst: &mut [f32]) {
+    // The backend that runs: one this CPU lacks is `Portable`.
+    let be = be.resolve();
     assert!(dst.len() >= src.len(), "pixels: dst too short");
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if be.resolve() == Backend::Avx2 {
+    if be == Backend::Avx2 {
         done = src.len() / 8 * 8;
         // SAFETY: AVX2 was detected; reads src[..done] and writes dst[..done], done ≤ both lengths.
         unsafe { avx2::pixels(src.as_ptr(), dst.as_mut_ptr(), done / 8) };
     }
     #[cfg(target_arch = "x86_64")]
-    if be.resolve() == Backend::Avx512 {
+    if be == Backend::Avx512 {
         done = src.len() / 16 * 16;
         // SAFETY: AVX-512F was detected; reads src[..done] and writes dst[..done], done ≤ both lengths.
         unsafe { avx512::pixels(src.as_ptr(), dst.as_mut_ptr(), done / 16) };
@@ -698,15 +706,17 @@ pub fn relu_in_place(v: &mut [f32]) {
 
 /// [`relu_in_place`] on a chosen backend (the result is the same on every one).
 pub fn relu_in_place_on(be: Backend, v: &mut [f32]) {
+    // The backend that runs: one this CPU lacks is `Portable`.
+    let be = be.resolve();
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if be.resolve() == Backend::Avx2 {
+    if be == Backend::Avx2 {
         done = v.len() / 8 * 8;
         // SAFETY: AVX2 was detected; reads and writes v[..done].
         unsafe { avx2::relu(v.as_mut_ptr(), done / 8) };
     }
     #[cfg(target_arch = "x86_64")]
-    if be.resolve() == Backend::Avx512 {
+    if be == Backend::Avx512 {
         done = v.len() / 16 * 16;
         // SAFETY: AVX-512F was detected; reads and writes v[..done].
         unsafe { avx512::relu(v.as_mut_ptr(), done / 16) };
@@ -731,6 +741,8 @@ pub fn mean_pool2(map: &[f32], img: usize, pooled: usize, out: &mut [f32]) {
 /// # Panics
 /// If a slice is too short.
 pub fn mean_pool2_on(be: Backend, map: &[f32], img: usize, pooled: usize, out: &mut [f32]) {
+    // The backend that runs: one this CPU lacks is `Portable`.
+    let be = be.resolve();
     assert!(
         2 * pooled <= img,
         "pool: {pooled} pooled columns do not fit rows of {img}"
@@ -741,14 +753,14 @@ pub fn mean_pool2_on(be: Backend, map: &[f32], img: usize, pooled: usize, out: &
     );
     assert!(out.len() >= pooled * pooled, "pool: out too short");
     #[cfg(target_arch = "x86_64")]
-    if be.resolve() == Backend::Avx2 {
+    if be == Backend::Avx2 {
         // SAFETY: AVX2 was detected; reads map rows 0..2·pooled, columns 0..2·pooled (within
         // the length checked above) and writes out[..pooled²].
         unsafe { avx2::mean_pool2(map.as_ptr(), img, pooled, out.as_mut_ptr()) };
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if be.resolve() == Backend::Avx512 && pooled <= 16 {
+    if be == Backend::Avx512 && pooled <= 16 {
         // SAFETY: AVX-512F was detected; reads map rows 0..2·pooled, columns 0..2·pooled (masked
         // loads, within the length checked above) and writes out[..pooled²] (masked stores).
         unsafe { avx512::mean_pool2(map.as_ptr(), img, pooled, out.as_mut_ptr()) };
@@ -786,6 +798,8 @@ pub fn mean_repool2_relu_on(
     pooled: usize,
     dz: &mut [f32],
 ) {
+    // The backend that runs: one this CPU lacks is `Portable`.
+    let be = be.resolve();
     let conv = 2 * pooled;
     assert!(
         conv <= img,
@@ -797,14 +811,14 @@ pub fn mean_repool2_relu_on(
         "repool: map too short"
     );
     #[cfg(target_arch = "x86_64")]
-    if be.resolve() == Backend::Avx2 {
+    if be == Backend::Avx2 {
         // SAFETY: AVX2 was detected; reads g[..pooled²] and y rows 0..conv, columns 0..conv,
         // writes the same positions of dz, all within the lengths checked above.
         unsafe { avx2::mean_repool2_relu(g.as_ptr(), y.as_ptr(), img, pooled, dz.as_mut_ptr()) };
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if be.resolve() == Backend::Avx512 && pooled <= 16 {
+    if be == Backend::Avx512 && pooled <= 16 {
         // SAFETY: AVX-512F was detected; reads g[..pooled²] and y rows 0..conv, columns 0..conv,
         // writes the same positions of dz, all within the lengths checked above (masked tails).
         unsafe { avx512::mean_repool2_relu(g.as_ptr(), y.as_ptr(), img, pooled, dz.as_mut_ptr()) };

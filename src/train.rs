@@ -354,8 +354,8 @@ pub fn train_from(
                             rng.random_range(-r..=r) as isize,
                             rng.random_range(-r..=r) as isize,
                         );
+                        blab[e] = train.labels[id];
                     }
-                    blab[e] = train.labels[id];
                 }
                 if s < state.step {
                     continue;
