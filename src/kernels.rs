@@ -471,6 +471,31 @@ impl Wide {
         }
         o
     }
+    /// Floats of one column-shifted copy that the taps read: `(ks − 1)·conv + wq` from the
+    /// copy's start (for the last copy this runs into the slot's tail).
+    fn window(&self) -> usize {
+        (self.ks - 1) * self.conv() + self.wq()
+    }
+    /// Where the nonzero floats of one image slot lie, as seen by the taps: tap `(i, j)` at
+    /// position `q` reads float `q + i·conv` of copy `j`'s window, and every window's floats
+    /// outside `[lo, hi)` are zero (NaN counts as nonzero). Found in blocks of 8, so the range
+    /// may be a little wider than the ink; it is never narrower.
+    pub(crate) fn ink(&self, slot: &[f32]) -> Ink {
+        let (js, win) = (self.js(), self.window());
+        let (mut lo, mut hi) = (usize::MAX, 0);
+        // A block is nonzero when any float's bits other than the sign are set (−0 is zero,
+        // NaN is not): a branch-free OR that compiles to vector code.
+        let nonzero = |c: &[f32]| c.iter().fold(0, |a, v| a | (v.to_bits() << 1)) != 0;
+        for j in 0..self.ks {
+            let w = &slot[j * js..j * js + win];
+            if let Some(f) = w.chunks(8).position(nonzero) {
+                lo = lo.min(8 * f);
+                let l = w.chunks(8).rposition(nonzero).unwrap_or(f);
+                hi = hi.max((8 * (l + 1)).min(win));
+            }
+        }
+        Ink { lo, hi }
+    }
     fn check(&self) {
         assert!(
             self.ks >= 1 && self.ks <= self.img,
@@ -478,6 +503,40 @@ impl Wide {
             self.ks,
             self.img
         );
+    }
+}
+
+/// The span of one image slot's nonzero floats in the taps' reads (see [`Wide::ink`]): outside
+/// `[lo, hi)` every read is an exact zero, whose products the SIMD conv kernels skip. With a
+/// bias-free network, MNIST's blank top and bottom rows make about a ninth of the conv's and
+/// of its kernel gradient's multiply-adds such products. Skipping them changes no sum that
+/// has a nonzero term (adding `±0` to it is exact); for finite weights it changes nothing at all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Ink {
+    lo: usize,
+    hi: usize,
+}
+
+impl Ink {
+    /// Tap rows `i` (half-open, `< ks`) whose reads for positions `q0..q0 + len` may be nonzero:
+    /// `q0 + i·conv < hi` and `q0 + len + i·conv > lo`.
+    fn tap_rows(self, q0: usize, len: usize, conv: usize, ks: usize) -> (usize, usize) {
+        if self.lo >= self.hi || self.hi <= q0 {
+            return (0, 0);
+        }
+        let ihi = (self.hi - q0).div_ceil(conv).min(ks);
+        let ilo = (self.lo + 1).saturating_sub(q0 + len).div_ceil(conv);
+        (ilo.min(ihi), ihi)
+    }
+    /// Positions `q` (half-open, multiples of `step`, within `wq`) at which some tap row
+    /// `i ∈ [imin, imax]` may read a nonzero: `lo ≤ q + i·conv < hi`.
+    fn span(self, imin: usize, imax: usize, conv: usize, wq: usize, step: usize) -> (usize, usize) {
+        if self.lo >= self.hi || self.hi <= imin * conv {
+            return (0, 0);
+        }
+        let end = (self.hi - imin * conv).next_multiple_of(step).min(wq);
+        let start = (self.lo.saturating_sub(imax * conv) / step * step).min(end);
+        (start, end)
     }
 }
 
@@ -557,7 +616,21 @@ pub fn conv_wide_fused_on(
                 if be == Backend::Avx512 {
                     avx512::conv_fwd(n_k, kk, k.as_ptr(), bias, relu, xp, offs, wq, op)
                 } else {
-                    avx2::conv_fwd(n_k, kk, k.as_ptr(), bias, relu, xp, offs, wq, op)
+                    let ink = w.ink(&x[e * xs..(e + 1) * xs]);
+                    let shape = (w.conv(), w.ks);
+                    avx2::conv_fwd(
+                        n_k,
+                        kk,
+                        k.as_ptr(),
+                        bias,
+                        relu,
+                        xp,
+                        offs,
+                        ink,
+                        shape,
+                        wq,
+                        op,
+                    )
                 }
             };
         }
@@ -641,7 +714,9 @@ pub fn conv_wide_dk_on(
             if be == Backend::Avx512 {
                 avx512::conv_dk(n_k, kk, dzp, xp, xs, m, offs, wq, dkp)
             } else {
-                avx2::conv_dk(n_k, kk, dzp, xp, xs, m, offs, wq, dkp)
+                let inks = |e: usize| w.ink(&x[e * xs..(e + 1) * xs]);
+                let shape = (w.conv(), w.ks);
+                avx2::conv_dk(n_k, kk, dzp, xp, xs, m, offs, &inks, shape, wq, dkp)
             }
         };
         return;
@@ -1639,6 +1714,107 @@ mod tests {
         gemm_nt(5, n, k, &a, k, &bt, k, top, n, false);
         gemm_nt(m - 5, n, k, &a[5 * k..], k, &bt, k, bottom, n, false);
         assert_eq!(whole, split);
+    }
+
+    /// The tap rows and position spans that the SIMD conv kernels keep contain every read of a
+    /// nonzero, checked by brute force over small layouts and every ink range.
+    #[test]
+    fn ink_ranges_keep_every_nonzero_read() {
+        for (conv, ks) in [(20usize, 9usize), (3, 3), (5, 2), (1, 4)] {
+            let wq = (conv * conv).next_multiple_of(16);
+            let win = (ks - 1) * conv + wq;
+            for lo in 0..win {
+                for hi in lo..=win {
+                    let ink = Ink { lo, hi };
+                    let nonzero = |t: usize| lo <= t && t < hi;
+                    for q0 in (0..wq).step_by(8) {
+                        for len in [8, 16] {
+                            let (ilo, ihi) = ink.tap_rows(q0, len, conv, ks);
+                            assert!(ilo <= ihi && ihi <= ks);
+                            for i in 0..ks {
+                                let read = (q0..q0 + len).any(|q| nonzero(q + i * conv));
+                                assert!(
+                                    !read || (ilo..ihi).contains(&i),
+                                    "{ink:?} q0 {q0} row {i}"
+                                );
+                            }
+                        }
+                    }
+                    for imin in 0..ks {
+                        for imax in imin..ks {
+                            let (a, b) = ink.span(imin, imax, conv, wq, 8);
+                            assert!(a <= b && b <= wq && a % 8 == 0 && b % 8 == 0);
+                            for q in 0..wq {
+                                let read = (imin..=imax).any(|i| nonzero(q + i * conv));
+                                assert!(
+                                    !read || (a..b).contains(&q),
+                                    "{ink:?} rows {imin}..={imax} q {q}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn ink_is_where_the_slot_is_nonzero() {
+        let w = Wide { img: 28, ks: 9 };
+        let mut slot = vec![0.0; w.slot()];
+        let empty = w.ink(&slot);
+        assert!(empty.lo >= empty.hi, "{empty:?}");
+        // One float of copy 3 at window position 250: the range holds it, in blocks of 8.
+        slot[3 * w.js() + 250] = f32::NAN;
+        assert_eq!(w.ink(&slot), Ink { lo: 248, hi: 256 });
+        slot[w.js() + 17] = -1.0;
+        assert_eq!(w.ink(&slot), Ink { lo: 16, hi: 256 });
+    }
+
+    /// Slots with blank rows, blank images, single pixels and floats in the slot's tail: the
+    /// kernels that skip the exact-zero products equal the plain loops.
+    #[test]
+    fn sparse_slots_match_naive() {
+        for (img, ks, n_k) in [(28, 9, 20), (12, 3, 2), (7, 7, 3), (13, 4, 5), (9, 2, 6)] {
+            let w = Wide { img, ks };
+            let (xs, wq, px) = (w.slot(), w.wq(), img * img);
+            let m = 6;
+            let mut x = vec![0.0; m * xs];
+            let mut pic = vec![0u8; px];
+            for e in 0..m {
+                pic.fill(0);
+                match e {
+                    // ink on rows a..b only
+                    0 | 1 => {
+                        let (a, b) = (img / 4 + e, img - img / 5);
+                        for (i, v) in pic.iter_mut().enumerate().take(b * img).skip(a * img) {
+                            *v = (i * 37 % 256) as u8;
+                        }
+                    }
+                    2 => {} // blank
+                    3 => pic[0] = 255,
+                    4 => pic[px - 1] = 200,
+                    _ => pic[(img / 2) * img + img / 3] = 99,
+                }
+                w.fill(&pic, &mut x[e * xs..(e + 1) * xs]);
+            }
+            // The last slot as raw floats: one value at the far end of the last copy's window.
+            x[(m - 1) * xs + (ks - 1) * w.js() + w.window() - 1] = 0.75;
+            let k = rand_vec(n_k * ks * ks, 21);
+            let (mut a, mut b) = (vec![0.0; m * n_k * wq], vec![0.0; m * n_k * wq]);
+            conv_wide_naive(w, &k, n_k, &x, m, &mut b);
+            let dz = rand_vec(m * n_k * wq, 22);
+            let mut db = vec![0.0; n_k * ks * ks];
+            conv_wide_dk_naive(w, &dz, n_k, &x, m, &mut db);
+            for be in Backend::available() {
+                a.fill(f32::NAN);
+                conv_wide_fused_on(be, w, &k, &[], false, n_k, &x, m, &mut a);
+                close(&a, &b, &format!("sparse conv {img}/{ks} {be:?}"));
+                let mut da = vec![f32::NAN; n_k * ks * ks];
+                conv_wide_dk_on(be, w, &dz, n_k, &x, m, &mut da);
+                close(&da, &db, &format!("sparse dk {img}/{ks} {be:?}"));
+            }
+        }
     }
 
     #[test]

@@ -238,9 +238,12 @@ unsafe fn conv_tile<const MR: usize, const NV: usize>(
     }
 }
 
+/// The taps of a tile run over the tap rows whose reads may be nonzero (`ink`, for `shape` =
+/// (conv, ks), tap `p = i·ks + j` at offset `off[p]`); the others would add exact zeros.
+///
 /// # Safety
 /// AVX2 and FMA present; `k` (n_k, kk), `x` readable at every q + off[p] (q < wq), `out`
-/// (n_k, wq) writable; wq a multiple of 8.
+/// (n_k, wq) writable; wq a multiple of 8; kk = ks².
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn conv_fwd(
@@ -251,6 +254,8 @@ pub unsafe fn conv_fwd(
     relu: bool,
     x: *const f32,
     offs: &[usize],
+    ink: super::Ink,
+    (conv, ks): (usize, usize),
     wq: usize,
     out: *mut f32,
 ) {
@@ -258,12 +263,15 @@ pub unsafe fn conv_fwd(
     let mut v0 = 0;
     while v0 < nvt {
         let nv = (nvt - v0).min(CF_NV);
+        let (ilo, ihi) = ink.tap_rows(8 * v0, 8 * nv, conv, ks);
+        let (plo, phi) = (ilo * ks, ihi * ks);
+        let offs = &offs[plo..phi];
         let mut i = 0;
         while i < n_k {
             let mr = (n_k - i).min(CF_MR);
             // SAFETY: rows i..i+mr < n_k, positions 8·v0 .. 8·(v0+nv) ≤ wq.
             unsafe {
-                let (kp, xp, op) = (k.add(i * kk), x.add(8 * v0), out.add(i * wq + 8 * v0));
+                let (kp, xp, op) = (k.add(i * kk + plo), x.add(8 * v0), out.add(i * wq + 8 * v0));
                 let bias = if bias.is_empty() {
                     bias
                 } else {
@@ -309,13 +317,23 @@ unsafe fn dk_tile<const MR: usize, const NR: usize>(
     m: usize,
     offs: &[usize],
     wq: usize,
+    spans: &[(usize, usize)],
     dk: *mut f32,
     add: bool,
 ) {
     let mut acc = [[_mm256_setzero_ps(); NR]; MR];
-    for e in 0..m {
+    for (e, &span) in spans.iter().enumerate().take(m) {
         // SAFETY: per the contract.
-        unsafe { dk_image::<MR, NR>(dz.add(e * n_k * wq), x.add(e * xs), offs, wq, &mut acc) };
+        unsafe {
+            dk_image::<MR, NR>(
+                dz.add(e * n_k * wq),
+                x.add(e * xs),
+                offs,
+                wq,
+                span,
+                &mut acc,
+            )
+        };
     }
     for i in 0..MR {
         for j in 0..NR {
@@ -332,11 +350,13 @@ unsafe fn dk_tile<const MR: usize, const NR: usize>(
     }
 }
 
-/// One image's share of a `dk_tile`: the accumulators live in registers over the image's `wq`
-/// positions.
+/// One image's share of a `dk_tile`: the accumulators live in registers over the image's
+/// positions `span` (those where one of the tile's taps may read a nonzero; elsewhere every
+/// product is an exact zero).
 ///
 /// # Safety
-/// AVX2 and FMA present; dz rows i·wq .. +wq (i < MR) and x + offs[j] .. +wq (j < NR) readable.
+/// AVX2 and FMA present; dz rows i·wq .. +wq (i < MR) and x + offs[j] .. +wq (j < NR) readable;
+/// span.0 ≤ span.1 ≤ wq, both multiples of 8.
 #[target_feature(enable = "avx2,fma")]
 #[inline(never)]
 unsafe fn dk_image<const MR: usize, const NR: usize>(
@@ -344,6 +364,7 @@ unsafe fn dk_image<const MR: usize, const NR: usize>(
     x: *const f32,
     offs: &[usize],
     wq: usize,
+    (mut q, end): (usize, usize),
     acc: &mut [[__m256; NR]; MR],
 ) {
     let mut t = *acc;
@@ -352,8 +373,8 @@ unsafe fn dk_image<const MR: usize, const NR: usize>(
         // SAFETY: per the contract.
         xp[j] = unsafe { x.add(offs[j]) };
     }
-    let mut q = 0;
-    while q < wq {
+    debug_assert!(q <= end && end <= wq && q % 8 == 0 && end % 8 == 0);
+    while q < end {
         // SAFETY: per the contract.
         unsafe {
             let mut xv = [_mm256_setzero_ps(); NR];
@@ -372,8 +393,11 @@ unsafe fn dk_image<const MR: usize, const NR: usize>(
     *acc = t;
 }
 
+/// Each image's positions run over the span where the tile's taps may read a nonzero (`ink(e)`
+/// for image e, `shape` = (conv, ks), tap `p = i·ks + j`).
+///
 /// # Safety
-/// As `dk_tile`, for all n < n_k and p < kk; wq a multiple of 8.
+/// As `dk_tile`, for all n < n_k and p < kk; wq a multiple of 8; kk = ks².
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn conv_dk(
@@ -384,6 +408,8 @@ pub unsafe fn conv_dk(
     xs: usize,
     m: usize,
     offs: &[usize],
+    ink: &dyn Fn(usize) -> super::Ink,
+    (conv, ks): (usize, usize),
     wq: usize,
     dk: *mut f32,
 ) {
@@ -392,6 +418,10 @@ pub unsafe fn conv_dk(
     const DK_IMAGES: usize = 2;
     for e in (0..m).step_by(DK_IMAGES) {
         let me = DK_IMAGES.min(m - e);
+        let mut inks = [ink(e); DK_IMAGES];
+        for (d, v) in inks.iter_mut().enumerate().take(me).skip(1) {
+            *v = ink(e + d);
+        }
         // SAFETY: image e < m starts inside dz and x.
         let (dz, x, add) = unsafe { (dz.add(e * n_k * wq), x.add(e * xs), e > 0) };
         let mut i = 0;
@@ -400,17 +430,23 @@ pub unsafe fn conv_dk(
             let mut p = 0;
             while p < kk {
                 let nr = (kk - p).min(CD_NR);
-                // SAFETY: maps i..i+mr < n_k and taps p..p+nr ≤ kk of images e..e+me are in bounds.
+                let mut spans = [(0, 0); DK_IMAGES];
+                for (s, ink) in spans.iter_mut().zip(&inks).take(me) {
+                    *s = ink.span(p / ks, (p + nr - 1) / ks, conv, wq, 8);
+                }
+                let spans = &spans[..me];
+                // SAFETY: maps i..i+mr < n_k and taps p..p+nr ≤ kk of images e..e+me are in
+                // bounds; each span lies within 0..wq in multiples of 8.
                 unsafe {
                     let (dzp, dkp, o) = (dz.add(i * wq), dk.add(i * kk + p), &offs[p..p + nr]);
                     macro_rules! go {
                         ($($mr:literal),*) => {
                             match (mr, nr) {
                                 $(
-                                    ($mr, 1) => dk_tile::<$mr, 1>(n_k, kk, dzp, x, xs, me, o, wq, dkp, add),
-                                    ($mr, 2) => dk_tile::<$mr, 2>(n_k, kk, dzp, x, xs, me, o, wq, dkp, add),
-                                    ($mr, 3) => dk_tile::<$mr, 3>(n_k, kk, dzp, x, xs, me, o, wq, dkp, add),
-                                    ($mr, 4) => dk_tile::<$mr, 4>(n_k, kk, dzp, x, xs, me, o, wq, dkp, add),
+                                    ($mr, 1) => dk_tile::<$mr, 1>(n_k, kk, dzp, x, xs, me, o, wq, spans, dkp, add),
+                                    ($mr, 2) => dk_tile::<$mr, 2>(n_k, kk, dzp, x, xs, me, o, wq, spans, dkp, add),
+                                    ($mr, 3) => dk_tile::<$mr, 3>(n_k, kk, dzp, x, xs, me, o, wq, spans, dkp, add),
+                                    ($mr, 4) => dk_tile::<$mr, 4>(n_k, kk, dzp, x, xs, me, o, wq, spans, dkp, add),
                                 )*
                                 _ => unreachable!("tile {mr}×{nr}"),
                             }
