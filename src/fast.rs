@@ -32,8 +32,8 @@
 
 use crate::config::{Activation, NetConfig, Pooling};
 use crate::kernels::{
-    Wide, conv_wide_dk, conv_wide_fused, gemm_nn, gemm_nt, mean_pool2, mean_repool2_relu,
-    relu_in_place,
+    Ink, Wide, backend, conv_wide_dk_on, conv_wide_fused_on, gemm_nn, gemm_nt, mean_pool2,
+    mean_repool2_relu, relu_in_place,
 };
 use crate::params::{Grads, Params};
 use rayon::prelude::*;
@@ -48,6 +48,8 @@ pub const CHUNK: usize = 4;
 struct Scratch {
     /// (m, slot) pixels / 255, zero-padded slots
     xf: Vec<f32>,
+    /// (m) where each slot's nonzeros lie, as `fill` found them
+    ink: Vec<Ink>,
     /// (m, N, WQ) conv maps y_m3
     z: Vec<f32>,
     /// (m, N, WQ) ∂L/∂conv_pre, zero at the junk positions
@@ -64,6 +66,7 @@ impl Scratch {
         let maps = CHUNK * cfg.n_kernels * w.wq();
         Scratch {
             xf: vec![0.0; CHUNK * w.slot()],
+            ink: Vec::with_capacity(CHUNK),
             z: vec![0.0; maps],
             dz: vec![0.0; maps],
             dy2: vec![0.0; CHUNK * cfg.flat()],
@@ -360,13 +363,26 @@ fn chunk(
     let (f, h, c, nk) = (cfg.flat(), cfg.hidden, cfg.classes, cfg.n_kernels);
     let (px, xs, wq) = (cfg.pixels(), w.slot(), w.wq());
     // x: (m, slot)
+    s.ink.clear();
     for (dst, &id) in s.xf.chunks_exact_mut(xs).zip(ids) {
-        w.fill(&images[id * px..(id + 1) * px], dst);
+        s.ink.push(w.fill(&images[id * px..(id + 1) * px], dst));
     }
+    let be = backend();
     // z: (m, N, WQ) = x ⋆ k, + bias, activation in place → y_m3
     // (bias and ReLU fused into the conv's store; other activations applied after)
     let relu = cfg.conv_act == Activation::Relu;
-    conv_wide_fused(w, &p.k, &p.bk, relu, nk, &s.xf, m, &mut s.z);
+    conv_wide_fused_on(
+        be,
+        w,
+        &p.k,
+        &p.bk,
+        relu,
+        nk,
+        &s.xf,
+        Some(&s.ink),
+        m,
+        &mut s.z,
+    );
     let z = &mut s.z[..m * nk * wq];
     if !relu {
         act_in_place(cfg.conv_act, z);
@@ -400,7 +416,7 @@ fn chunk(
     gemm_nn(m, f, h, dv1, h, 1, &p.w_m1, f, &mut s.dy2, f, false);
     // dz: (m, N, WQ) = repool(dy2) ⊙ act'(y_m3); dk_c = Σ_e x_e ⋆ dz_e
     pool_backward(cfg, m, &s.dy2, &s.argmax, &s.z, &mut s.dz);
-    conv_wide_dk(w, &s.dz, nk, &s.xf, m, &mut out.dk);
+    conv_wide_dk_on(be, w, &s.dz, nk, &s.xf, Some(&s.ink), m, &mut out.dk);
     for (n, b) in out.dbk.iter_mut().enumerate() {
         // Summed in f64: m·conv² terms (thousands), too many for a plain f32 sum. Junk is 0.
         *b = (0..m)

@@ -413,18 +413,41 @@ impl Wide {
         (self.off(self.ks * self.ks - 1) + self.wq()).next_multiple_of(16)
     }
     /// Writes image `x` (img×img pixels, 0..=255) into its slot as the `ks` column-shifted
-    /// copies, scaled to [0, 1]; the slot's tail is zeroed.
+    /// copies, scaled to [0, 1]; the slot's tail is zeroed. Returns where the slot's nonzeros
+    /// lie (its [`Ink`], from the image's blank top and bottom rows), for the conv kernels.
     ///
     /// # Panics
     /// If `x` or `slot` is too short.
-    pub fn fill(&self, x: &[u8], slot: &mut [f32]) {
+    pub fn fill(&self, x: &[u8], slot: &mut [f32]) -> Ink {
         self.fill_on(backend(), x, slot)
     }
     /// [`Wide::fill`] on a chosen backend (the result is the same on every one).
     ///
     /// # Panics
     /// If `x` or `slot` is too short.
-    pub fn fill_on(&self, be: Backend, x: &[u8], slot: &mut [f32]) {
+    pub fn fill_on(&self, be: Backend, x: &[u8], slot: &mut [f32]) -> Ink {
+        self.write_slot(be, x, slot);
+        self.ink_of_rows(x)
+    }
+    /// The [`Ink`] of the slot that `fill` writes for image `x`: every copy's row `rr` holds
+    /// pixels of image row `rr` only, so outside the inked rows `[top, bottom]` every copy's
+    /// window is zero; except that a window longer than its copy (wq > conv²) runs into the
+    /// next copies, so its end is kept whole.
+    fn ink_of_rows(&self, x: &[u8]) -> Ink {
+        let (img, conv) = (self.img, self.conv());
+        let inked = |r: &[u8]| r.iter().fold(0, |a, &b| a | b) != 0;
+        let rows = x[..img * img].chunks_exact(img);
+        let Some(top) = rows.clone().position(inked) else {
+            return Ink { lo: 0, hi: 0 };
+        };
+        let bottom = rows.clone().rposition(inked).unwrap_or(top);
+        let mut hi = (bottom + 1) * conv;
+        if self.window() > self.js() {
+            hi = self.window();
+        }
+        Ink { lo: top * conv, hi }
+    }
+    fn write_slot(&self, be: Backend, x: &[u8], slot: &mut [f32]) {
         // The backend that runs: one this CPU lacks is `Portable`.
         let be = be.resolve();
         let (img, conv, js) = (self.img, self.conv(), self.js());
@@ -479,8 +502,12 @@ impl Wide {
     /// Where the nonzero floats of one image slot lie, as seen by the taps: tap `(i, j)` at
     /// position `q` reads float `q + i·conv` of copy `j`'s window, and every window's floats
     /// outside `[lo, hi)` are zero (NaN counts as nonzero). Found in blocks of 8, so the range
-    /// may be a little wider than the ink; it is never narrower.
-    pub(crate) fn ink(&self, slot: &[f32]) -> Ink {
+    /// may be a little wider than the ink; it is never narrower. For a slot that [`Wide::fill`]
+    /// wrote, the ink it returned is cheaper.
+    ///
+    /// # Panics
+    /// If `slot` is shorter than [`Wide::slot`].
+    pub fn ink(&self, slot: &[f32]) -> Ink {
         let (js, win) = (self.js(), self.window());
         let (mut lo, mut hi) = (usize::MAX, 0);
         // A block is nonzero when any float's bits other than the sign are set (−0 is zero,
@@ -493,6 +520,9 @@ impl Wide {
                 let l = w.chunks(8).rposition(nonzero).unwrap_or(f);
                 hi = hi.max((8 * (l + 1)).min(win));
             }
+        }
+        if lo >= hi {
+            return Ink { lo: 0, hi: 0 };
         }
         Ink { lo, hi }
     }
@@ -512,7 +542,7 @@ impl Wide {
 /// of its kernel gradient's multiply-adds such products. Skipping them changes no sum that
 /// has a nonzero term (adding `±0` to it is exact); for finite weights it changes nothing at all.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Ink {
+pub struct Ink {
     lo: usize,
     hi: usize,
 }
@@ -566,13 +596,15 @@ pub fn conv_wide_fused(
     m: usize,
     out: &mut [f32],
 ) {
-    conv_wide_fused_on(backend(), w, k, bias, relu, n_k, x, m, out)
+    conv_wide_fused_on(backend(), w, k, bias, relu, n_k, x, None, m, out)
 }
 
-/// [`conv_wide_fused`] on a chosen backend.
+/// [`conv_wide_fused`] on a chosen backend, with each slot's [`Ink`] as [`Wide::fill`] returned
+/// it (`inks[e]` for slot `e`; `None`: found by [`Wide::ink`]). An ink narrower than its slot's
+/// nonzeros gives wrong sums (the products it leaves out are not zero).
 ///
 /// # Panics
-/// As [`conv_wide_fused`].
+/// As [`conv_wide_fused`], or if `inks` has fewer than `m` entries.
 #[allow(clippy::too_many_arguments)]
 pub fn conv_wide_fused_on(
     be: Backend,
@@ -582,6 +614,7 @@ pub fn conv_wide_fused_on(
     relu: bool,
     n_k: usize,
     x: &[f32],
+    inks: Option<&[Ink]>,
     m: usize,
     out: &mut [f32],
 ) {
@@ -602,6 +635,7 @@ pub fn conv_wide_fused_on(
         m * xs
     );
     assert!(out.len() >= m * n_k * wq, "conv: out too short");
+    assert!(inks.is_none_or(|v| v.len() >= m), "conv: too few inks");
     #[cfg(target_arch = "x86_64")]
     if be != Backend::Portable && kk <= MAX_TAPS {
         let offs = w.offsets();
@@ -616,7 +650,7 @@ pub fn conv_wide_fused_on(
                 if be == Backend::Avx512 {
                     avx512::conv_fwd(n_k, kk, k.as_ptr(), bias, relu, xp, offs, wq, op)
                 } else {
-                    let ink = w.ink(&x[e * xs..(e + 1) * xs]);
+                    let ink = inks.map_or_else(|| w.ink(&x[e * xs..(e + 1) * xs]), |v| v[e]);
                     let shape = (w.conv(), w.ks);
                     avx2::conv_fwd(
                         n_k,
@@ -677,13 +711,13 @@ pub fn conv_wide_fused_naive(
 /// # Panics
 /// If a slice is too short.
 pub fn conv_wide_dk(w: Wide, dz: &[f32], n_k: usize, x: &[f32], m: usize, dk: &mut [f32]) {
-    conv_wide_dk_on(backend(), w, dz, n_k, x, m, dk)
+    conv_wide_dk_on(backend(), w, dz, n_k, x, None, m, dk)
 }
 
-/// [`conv_wide_dk`] on a chosen backend.
+/// [`conv_wide_dk`] on a chosen backend, with the slots' inks as in [`conv_wide_fused_on`].
 ///
 /// # Panics
-/// As [`conv_wide_dk`].
+/// As [`conv_wide_dk`], or if `inks` has fewer than `m` entries.
 #[allow(clippy::too_many_arguments)]
 pub fn conv_wide_dk_on(
     be: Backend,
@@ -691,6 +725,7 @@ pub fn conv_wide_dk_on(
     dz: &[f32],
     n_k: usize,
     x: &[f32],
+    inks: Option<&[Ink]>,
     m: usize,
     dk: &mut [f32],
 ) {
@@ -701,6 +736,7 @@ pub fn conv_wide_dk_on(
     assert!(dz.len() >= m * n_k * wq, "conv dk: dz too short");
     assert!(x.len() >= m * xs, "conv dk: x too short");
     assert!(dk.len() >= n_k * kk, "conv dk: dk too short");
+    assert!(inks.is_none_or(|v| v.len() >= m), "conv dk: too few inks");
     #[cfg(target_arch = "x86_64")]
     if be != Backend::Portable && kk <= MAX_TAPS {
         let offs = w.offsets();
@@ -714,9 +750,9 @@ pub fn conv_wide_dk_on(
             if be == Backend::Avx512 {
                 avx512::conv_dk(n_k, kk, dzp, xp, xs, m, offs, wq, dkp)
             } else {
-                let inks = |e: usize| w.ink(&x[e * xs..(e + 1) * xs]);
+                let ink = |e: usize| inks.map_or_else(|| w.ink(&x[e * xs..(e + 1) * xs]), |v| v[e]);
                 let shape = (w.conv(), w.ks);
-                avx2::conv_dk(n_k, kk, dzp, xp, xs, m, offs, &inks, shape, wq, dkp)
+                avx2::conv_dk(n_k, kk, dzp, xp, xs, m, offs, &ink, shape, wq, dkp)
             }
         };
         return;
@@ -1771,6 +1807,41 @@ mod tests {
         assert_eq!(w.ink(&slot), Ink { lo: 16, hi: 256 });
     }
 
+    /// The ink `fill` returns covers every nonzero of the slot it wrote (the scan's range), for
+    /// pixels anywhere, blank images and windows that run into the next copy (wq > conv²).
+    #[test]
+    fn fill_ink_covers_the_slot() {
+        for (img, ks) in [(28, 9), (12, 3), (7, 7), (13, 4), (5, 1)] {
+            let w = Wide { img, ks };
+            let mut slot = vec![0.0; w.slot()];
+            let mut pic = vec![0u8; img * img];
+            for a in 0..img * img {
+                for b in [a, img * img - 1, (a * 5) % (img * img)] {
+                    pic.fill(0);
+                    pic[a] = 7;
+                    pic[b] = 200;
+                    let given = w.fill(&pic, &mut slot);
+                    // Every nonzero of every copy's window, at its window position.
+                    for j in 0..ks {
+                        let win = &slot[j * w.js()..j * w.js() + w.window()];
+                        for (t, _) in win.iter().enumerate().filter(|(_, v)| **v != 0.0) {
+                            assert!(
+                                (given.lo..given.hi).contains(&t),
+                                "{img}/{ks}: pixels {a}, {b}: copy {j} position {t} outside {given:?}"
+                            );
+                        }
+                    }
+                }
+            }
+            pic.fill(0);
+            let blank = w.fill(&pic, &mut slot);
+            assert_eq!(
+                (blank, w.ink(&slot)),
+                (Ink { lo: 0, hi: 0 }, Ink { lo: 0, hi: 0 })
+            );
+        }
+    }
+
     /// Slots with blank rows, blank images, single pixels and floats in the slot's tail: the
     /// kernels that skip the exact-zero products equal the plain loops.
     #[test]
@@ -1781,6 +1852,7 @@ mod tests {
             let m = 6;
             let mut x = vec![0.0; m * xs];
             let mut pic = vec![0u8; px];
+            let mut inks = vec![Ink { lo: 0, hi: 0 }; m];
             for e in 0..m {
                 pic.fill(0);
                 match e {
@@ -1796,22 +1868,26 @@ mod tests {
                     4 => pic[px - 1] = 200,
                     _ => pic[(img / 2) * img + img / 3] = 99,
                 }
-                w.fill(&pic, &mut x[e * xs..(e + 1) * xs]);
+                inks[e] = w.fill(&pic, &mut x[e * xs..(e + 1) * xs]);
             }
             // The last slot as raw floats: one value at the far end of the last copy's window.
             x[(m - 1) * xs + (ks - 1) * w.js() + w.window() - 1] = 0.75;
+            inks[m - 1] = w.ink(&x[(m - 1) * xs..]);
             let k = rand_vec(n_k * ks * ks, 21);
             let (mut a, mut b) = (vec![0.0; m * n_k * wq], vec![0.0; m * n_k * wq]);
             conv_wide_naive(w, &k, n_k, &x, m, &mut b);
             let dz = rand_vec(m * n_k * wq, 22);
             let mut db = vec![0.0; n_k * ks * ks];
             conv_wide_dk_naive(w, &dz, n_k, &x, m, &mut db);
-            for be in Backend::available() {
+            for (be, given) in Backend::available()
+                .into_iter()
+                .flat_map(|be| [(be, None), (be, Some(&inks[..]))])
+            {
                 a.fill(f32::NAN);
-                conv_wide_fused_on(be, w, &k, &[], false, n_k, &x, m, &mut a);
+                conv_wide_fused_on(be, w, &k, &[], false, n_k, &x, given, m, &mut a);
                 close(&a, &b, &format!("sparse conv {img}/{ks} {be:?}"));
                 let mut da = vec![f32::NAN; n_k * ks * ks];
-                conv_wide_dk_on(be, w, &dz, n_k, &x, m, &mut da);
+                conv_wide_dk_on(be, w, &dz, n_k, &x, given, m, &mut da);
                 close(&da, &db, &format!("sparse dk {img}/{ks} {be:?}"));
             }
         }
@@ -1835,10 +1911,10 @@ mod tests {
             conv_wide_naive(w, &k, n_k, &x, m, &mut b);
             let bias = rand_vec(n_k, 14);
             for be in Backend::available() {
-                conv_wide_fused_on(be, w, &k, &[], false, n_k, &x, m, &mut a);
+                conv_wide_fused_on(be, w, &k, &[], false, n_k, &x, None, m, &mut a);
                 close(&a, &b, &format!("conv_wide {be:?}"));
                 let mut fa = a.clone();
-                conv_wide_fused_on(be, w, &k, &bias, true, n_k, &x, m, &mut fa);
+                conv_wide_fused_on(be, w, &k, &bias, true, n_k, &x, None, m, &mut fa);
                 for (q, (fv, v)) in fa.iter().zip(&a).enumerate() {
                     let want = (v + bias[(q / w.wq()) % n_k]).max(0.0);
                     assert!(
@@ -1870,7 +1946,7 @@ mod tests {
             conv_wide_dk_naive(w, &dz, n_k, &x, m, &mut db);
             for be in Backend::available() {
                 da.fill(f32::NAN);
-                conv_wide_dk_on(be, w, &dz, n_k, &x, m, &mut da);
+                conv_wide_dk_on(be, w, &dz, n_k, &x, None, m, &mut da);
                 close(&da, &db, &format!("conv_wide_dk {be:?}"));
             }
             conv_wide_dk(w, &dz, n_k, &x, m, &mut da);
