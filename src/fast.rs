@@ -8,7 +8,8 @@
 //! `(r, c)` at `r·conv + c`, `WQ` = conv² rounded up to 16 positions per map (400 by default).
 //!
 //! Everything an image needs except the weight gradients of the dense layers is local to that
-//! image, so the batch is cut into chunks of `m ≤ CHUNK` images and each chunk goes all the way
+//! image, so the batch is cut into chunks of `m ≤ CHUNK` images ([`chunk_at`]: balanced for two
+//! threads, fixed by the batch size) and each chunk goes all the way
 //! forward and back to its kernel gradient while its maps are still in the core's cache:
 //! ```text
 //! A. per chunk:  x     (m, slot)     u8 → [0, 1], as ks column-shifted copies
@@ -136,7 +137,7 @@ impl Workspace {
             cfg: *cfg,
             max_batch: b,
             scratch: Vec::new(),
-            outs: vec![out; b.div_ceil(CHUNK)],
+            outs: vec![out; b.div_ceil(CHUNK) + 1],
             y2: vec![0.0; b * f],
             y1: vec![0.0; b * h],
             p: vec![0.0; b * c],
@@ -227,7 +228,7 @@ pub fn forward_backward(
         },
     );
     // dk = Σ_chunks dk_chunk, in chunk order.
-    let outs = &ws.outs[..b.div_ceil(CHUNK)];
+    let outs = &ws.outs[..chunk_count(b)];
     gk.copy_from_slice(&outs[0].dk);
     gbk.copy_from_slice(&outs[0].dbk);
     for o in &outs[1..] {
@@ -273,50 +274,27 @@ fn run_chunks(
     while ws.scratch.len() < nthreads {
         ws.scratch.push(Mutex::new(Scratch::new(cfg)));
     }
-    let (f, h, c) = (cfg.flat(), cfg.hidden, cfg.classes);
-    let nch = b.div_ceil(CHUNK);
-    let scale = 1.0 / b as f32;
-    let scratch = &ws.scratch;
-    let run = |(ci, (out, (y2, (y1, (pr, (dv, dv1)))))): ChunkArgs| {
-        let ids = &idx[ci * CHUNK..(ci * CHUNK + CHUNK).min(b)];
-        let slot = rayon::current_thread_index().unwrap_or(0) % scratch.len();
-        let mut s = scratch[slot].lock().unwrap_or_else(|e| e.into_inner());
-        chunk(
-            cfg, p, images, labels, ids, &mut s, out, y2, y1, pr, dv, dv1, train, scale,
-        );
+    let nch = chunk_count(b);
+    let ctx = Ctx {
+        cfg,
+        p,
+        images,
+        labels,
+        idx,
+        scratch: &ws.scratch,
+        train,
+        scale: 1.0 / b as f32,
     };
-    let parts = (
-        ws.outs[..nch].par_iter_mut(),
-        ws.y2[..b * f].par_chunks_mut(CHUNK * f),
-        ws.y1[..b * h].par_chunks_mut(CHUNK * h),
-        ws.p[..b * c].par_chunks_mut(CHUNK * c),
-        ws.dv[..b * c].par_chunks_mut(CHUNK * c),
-        ws.dv1[..b * h].par_chunks_mut(CHUNK * h),
-    );
-    if nch == 1 {
-        // One chunk (e.g. one image): no hand-off to the pool, for latency.
-        run((
-            0,
-            (
-                &mut ws.outs[0],
-                (
-                    &mut ws.y2[..b * f],
-                    (
-                        &mut ws.y1[..b * h],
-                        (
-                            &mut ws.p[..b * c],
-                            (&mut ws.dv[..b * c], &mut ws.dv1[..b * h]),
-                        ),
-                    ),
-                ),
-            ),
-        ));
-    } else {
-        let (o, y2, y1, pr, dv, dv1) = parts;
-        o.zip(y2.zip(y1.zip(pr.zip(dv.zip(dv1)))))
-            .enumerate()
-            .for_each(run);
-    }
+    let (f, h, c) = (cfg.flat(), cfg.hidden, cfg.classes);
+    let rows = Rows {
+        outs: &mut ws.outs[..nch],
+        y2: &mut ws.y2[..b * f],
+        y1: &mut ws.y1[..b * h],
+        pr: &mut ws.p[..b * c],
+        dv: &mut ws.dv[..b * c],
+        dv1: &mut ws.dv1[..b * h],
+    };
+    run_span(&ctx, 0, nch, rows);
     ws.outs[..nch]
         .iter()
         .fold(BatchStats::default(), |s, o| BatchStats {
@@ -325,19 +303,133 @@ fn run_chunks(
         })
 }
 
-type ChunkArgs<'a> = (
-    usize,
-    (
-        &'a mut ChunkOut,
+/// Chunks in a batch of `b` images: `⌈b / CHUNK⌉`, made even (when that is odd and the last
+/// chunk holds at least 2 images) by halving the last chunk, see [`chunk_at`].
+pub fn chunk_count(b: usize) -> usize {
+    let n = b.div_ceil(CHUNK);
+    if n > 1 && n % 2 == 1 && b - CHUNK * (n - 1) >= 2 {
+        n + 1
+    } else {
+        n
+    }
+}
+
+/// Chunk `c` of a batch of `b` images as (first image, images). Chunks hold `CHUNK` images in
+/// order, except that when [`chunk_count`] halved the last one, its halves sit in the middle
+/// (chunk `t`) and at the end (chunk `2t + 1`): the two halves of the chunk list, which two
+/// threads take, then hold the same number of images (50 and 50 for a batch of 100, not 52
+/// and 48). Depends only on `b`, never on the threads.
+pub fn chunk_at(b: usize, c: usize) -> (usize, usize) {
+    let n = b.div_ceil(CHUNK);
+    if chunk_count(b) == n {
+        return (c * CHUNK, CHUNK.min(b - c * CHUNK));
+    }
+    let (t, r) = ((n - 1) / 2, b - CHUNK * (n - 1));
+    match c {
+        _ if c < t => (c * CHUNK, CHUNK),
+        _ if c == t => (t * CHUNK, r.div_ceil(2)),
+        _ if c <= 2 * t => (r.div_ceil(2) + (c - 1) * CHUNK, CHUNK),
+        _ => (b - r / 2, r / 2),
+    }
+}
+
+/// What every chunk of a batch reads.
+struct Ctx<'a> {
+    cfg: &'a NetConfig,
+    p: &'a Params<f32>,
+    images: &'a [u8],
+    labels: Option<&'a [u8]>,
+    idx: &'a [usize],
+    scratch: &'a [Mutex<Scratch>],
+    train: bool,
+    scale: f32,
+}
+
+/// The rows of the batch buffers that a run of chunks writes.
+struct Rows<'a> {
+    outs: &'a mut [ChunkOut],
+    y2: &'a mut [f32],
+    y1: &'a mut [f32],
+    pr: &'a mut [f32],
+    dv: &'a mut [f32],
+    dv1: &'a mut [f32],
+}
+
+impl<'a> Rows<'a> {
+    /// Splits after `chunks` chunks holding `images` images.
+    fn split(self, cfg: &NetConfig, chunks: usize, images: usize) -> (Rows<'a>, Rows<'a>) {
+        let (f, h, c) = (cfg.flat(), cfg.hidden, cfg.classes);
+        let (o0, o1) = self.outs.split_at_mut(chunks);
+        let (y20, y21) = self.y2.split_at_mut(images * f);
+        let (y10, y11) = self.y1.split_at_mut(images * h);
+        let (p0, p1) = self.pr.split_at_mut(images * c);
+        let (d0, d1) = self.dv.split_at_mut(images * c);
+        let (e0, e1) = self.dv1.split_at_mut(images * h);
         (
-            &'a mut [f32],
-            (
-                &'a mut [f32],
-                (&'a mut [f32], (&'a mut [f32], &'a mut [f32])),
-            ),
-        ),
-    ),
-);
+            Rows {
+                outs: o0,
+                y2: y20,
+                y1: y10,
+                pr: p0,
+                dv: d0,
+                dv1: e0,
+            },
+            Rows {
+                outs: o1,
+                y2: y21,
+                y1: y11,
+                pr: p1,
+                dv: d1,
+                dv1: e1,
+            },
+        )
+    }
+}
+
+/// Chunks `c0..c1` of the batch: halved by chunk count and run on both sides of a
+/// `rayon::join` until one chunk is left (which runs where it lands: a single chunk, e.g. one
+/// image, never leaves the calling thread).
+fn run_span(ctx: &Ctx, c0: usize, c1: usize, rows: Rows) {
+    let b = ctx.idx.len();
+    if c1 - c0 == 1 {
+        let (start, len) = chunk_at(b, c0);
+        let ids = &ctx.idx[start..start + len];
+        let slot = rayon::current_thread_index().unwrap_or(0) % ctx.scratch.len();
+        let mut s = ctx.scratch[slot].lock().unwrap_or_else(|e| e.into_inner());
+        let Rows {
+            outs,
+            y2,
+            y1,
+            pr,
+            dv,
+            dv1,
+        } = rows;
+        chunk(
+            ctx.cfg,
+            ctx.p,
+            ctx.images,
+            ctx.labels,
+            ids,
+            &mut s,
+            &mut outs[0],
+            y2,
+            y1,
+            pr,
+            dv,
+            dv1,
+            ctx.train,
+            ctx.scale,
+        );
+        return;
+    }
+    let mid = c0 + (c1 - c0) / 2;
+    let images = chunk_at(b, mid).0 - chunk_at(b, c0).0;
+    let (left, right) = rows.split(ctx.cfg, mid - c0, images);
+    rayon::join(
+        || run_span(ctx, c0, mid, left),
+        || run_span(ctx, mid, c1, right),
+    );
+}
 
 /// Step A for one chunk of images `ids`: forward to the probabilities, the score, and (when
 /// `train`) the way back to the chunk's kernel gradient. Row buffers are this chunk's rows.
@@ -639,5 +731,41 @@ fn col_sums(a: &[f32], cols: usize, out: &mut [f32]) {
         for (o, &x) in out.iter_mut().zip(row) {
             *o += x;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The chunks cover the batch in order, each of 1..=CHUNK images, and when the count was
+    /// made even the two halves of the chunk list differ by at most one image.
+    #[test]
+    fn chunks_cover_the_batch_and_balance_two_threads() {
+        for b in 1..=1100 {
+            let n = chunk_count(b);
+            assert!(
+                n >= b.div_ceil(CHUNK) && n <= b.div_ceil(CHUNK) + 1,
+                "b {b}: {n}"
+            );
+            let mut next = 0;
+            for c in 0..n {
+                let (start, len) = chunk_at(b, c);
+                assert_eq!(start, next, "b {b} chunk {c}");
+                assert!((1..=CHUNK).contains(&len), "b {b} chunk {c}: {len} images");
+                next = start + len;
+            }
+            assert_eq!(next, b, "b {b}");
+            if n > b.div_ceil(CHUNK) {
+                let half = chunk_at(b, n / 2).0;
+                assert!(
+                    half.abs_diff(b - half) <= 1,
+                    "b {b}: halves {half} and {}",
+                    b - half
+                );
+            }
+        }
+        assert_eq!(chunk_count(100), 26);
+        assert_eq!(chunk_at(100, 13), (50, 4));
     }
 }
