@@ -68,6 +68,12 @@ pub struct BenchReport {
     pub gemm_matrixmultiply_gflops: f64,
     /// Register-only FMA loop over the threads, GFLOP/s: the arithmetic ceiling.
     pub fma_peak_gflops: f64,
+    /// Share of a training step's multiply-adds (as counted in `train_gflops`) that the
+    /// kernels skipped as exact zeros: the conv's and its kernel gradient's products with the
+    /// bench images' blank rows (measured on them, unshifted).
+    pub skipped_share: f64,
+    /// `train_gflops` less the skipped share: the arithmetic the machine actually did.
+    pub train_gflops_executed: f64,
     /// `train_gflops / gemm_gflops`.
     pub fraction_of_gemm: f64,
     /// `train_gflops / fma_peak_gflops`.
@@ -160,6 +166,7 @@ pub fn run(
     let gemm_gflops = gemm_own.max(gemm_mm);
     let fma_peak_gflops = pool.install(|| fma_peak(nthreads));
     let train_gflops = 2.0 * train_macs(&cfg) * train_ips / 1e9;
+    let skipped_share = skipped_share(&cfg, &set);
     Ok(BenchReport {
         threads: nthreads,
         kernels: format!("{:?}", kernels::backend()),
@@ -175,10 +182,32 @@ pub fn run(
         gemm_own_gflops: gemm_own,
         gemm_matrixmultiply_gflops: gemm_mm,
         fma_peak_gflops,
+        skipped_share,
+        train_gflops_executed: train_gflops * (1.0 - skipped_share),
         fraction_of_gemm: train_gflops / gemm_gflops,
         fraction_of_peak: train_gflops / fma_peak_gflops,
         peak_rss_mb: peak_rss_mb(),
     })
+}
+
+/// Share of a training step's multiply-adds ([`train_macs`]) that the kernels skip on `data`'s
+/// images (the conv's and its kernel gradient's products with blank rows), averaged over them.
+pub fn skipped_share(cfg: &NetConfig, data: &Dataset) -> f64 {
+    let w = kernels::Wide {
+        img: cfg.img,
+        ks: cfg.ksize,
+    };
+    let be = kernels::backend();
+    let mut slot = vec![0.0; w.slot()];
+    let (mut fwd, mut dk) = (0.0, 0.0);
+    for i in 0..data.len() {
+        let (f, d) = kernels::skipped_share(be, w, w.fill(data.image(i), &mut slot));
+        (fwd, dk) = (fwd + f, dk + d);
+    }
+    let n = data.len().max(1) as f64;
+    // Per map the kernels compute wq positions (conv² of them useful) × ks² taps.
+    let per_map = (w.wq() * cfg.ksize * cfg.ksize) as f64 * cfg.n_kernels as f64;
+    (fwd + dk) / n * per_map / train_macs(cfg)
 }
 
 /// A plain 1024×1024×1024 f32 GEMM on backend `be`, rows split over the pool.

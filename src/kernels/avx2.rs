@@ -461,6 +461,26 @@ pub unsafe fn conv_dk(
     }
 }
 
+/// The shares of `conv_fwd`'s and of `conv_dk`'s multiply-adds that they skip for one slot
+/// with this ink, on their tiles: (forward, kernel gradient).
+pub fn skipped_share(ink: super::Ink, (conv, ks): (usize, usize), wq: usize) -> (f64, f64) {
+    let (kk, nvt) = (ks * ks, wq / 8);
+    let mut fwd = 0;
+    for v0 in (0..nvt).step_by(CF_NV) {
+        let nv = (nvt - v0).min(CF_NV);
+        let (ilo, ihi) = ink.tap_rows(8 * v0, 8 * nv, conv, ks);
+        fwd += (ks - (ihi - ilo)) * ks * 8 * nv;
+    }
+    let mut dk = 0;
+    for p in (0..kk).step_by(CD_NR) {
+        let nr = (kk - p).min(CD_NR);
+        let (a, b) = ink.span(p / ks, (p + nr - 1) / ks, conv, wq, 8);
+        dk += nr * (wq - (b - a));
+    }
+    let all = (kk * wq) as f64;
+    (fwd as f64 / all, dk as f64 / all)
+}
+
 /// Eight u8 pixels at `src` as f32 / 255.
 ///
 /// # Safety
