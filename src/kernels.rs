@@ -2004,9 +2004,17 @@ mod tests {
 
     #[test]
     fn fill_matches_its_definition() {
-        for ((img, ks), be) in [(28, 9), (28, 5), (12, 3), (40, 7), (17, 8)]
-            .into_iter()
-            .flat_map(|s| Backend::available().into_iter().map(move |b| (s, b)))
+        for ((img, ks), be) in [
+            (28, 9),
+            (28, 5),
+            (12, 3),
+            (40, 7),
+            (17, 8),
+            (23, 2),
+            (13, 1),
+        ]
+        .into_iter()
+        .flat_map(|s| Backend::available().into_iter().map(move |b| (s, b)))
         {
             let w = Wide { img, ks };
             let x: Vec<u8> = (0..img * img).map(|i| (i * 31 % 256) as u8).collect();

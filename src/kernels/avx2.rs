@@ -515,6 +515,13 @@ pub unsafe fn fill_shifted(x: *const u8, img: usize, ks: usize, conv: usize, out
                     _mm256_storeu_ps(dst.add(c), eight(src.add(c), scale));
                     c += 8;
                 }
+                if c + 4 <= conv {
+                    // Four more pixels (the default layout's rows of 20 end so).
+                    let b = _mm_cvtsi32_si128((src.add(c) as *const i32).read_unaligned());
+                    let f = _mm_cvtepi32_ps(_mm_cvtepu8_epi32(b));
+                    _mm_storeu_ps(dst.add(c), _mm_mul_ps(f, _mm256_castps256_ps128(scale)));
+                    c += 4;
+                }
                 while c < conv {
                     *dst.add(c) = f32::from(*src.add(c)) * (1.0 / 255.0);
                     c += 1;
@@ -627,7 +634,16 @@ pub unsafe fn mean_pool2(map: *const f32, img: usize, pooled: usize, out: *mut f
                     _mm_maskload_ps(a.add(2 * c + 4), mh),
                     _mm_maskload_ps(b.add(2 * c + 4), mh),
                 );
-                _mm_maskstore_ps(o.add(c), mask4(r), _mm_mul_ps(_mm_hadd_ps(lo, hi), q4));
+                // Stored lane by lane: a masked store is slow on AMD cores (microcoded).
+                let v = _mm_mul_ps(_mm_hadd_ps(lo, hi), q4);
+                if r >= 2 {
+                    _mm_storel_epi64(o.add(c) as *mut __m128i, _mm_castps_si128(v));
+                } else {
+                    _mm_store_ss(o.add(c), v);
+                }
+                if r == 3 {
+                    _mm_store_ss(o.add(c + 2), _mm_movehl_ps(v, v));
+                }
             }
         }
     }
