@@ -1,5 +1,5 @@
 //! The conv kernels on dense slots and on MNIST digits, timed in alternation in one process
-//! (minimum over 40 rounds, µs per image, one thread): how much the skipped blank rows save.
+//! (minimum over 40 rounds, µs per image, one thread): how much skipping the blank background saves.
 use mnistconv::kernels::*;
 use std::time::Instant;
 fn main() {

@@ -41,7 +41,7 @@ fn main() {
     time("conv_wide dk, m images (useful GFLOP/s)", useful, || {
         conv_wide_dk(w, &z, 20, &x, m, &mut dk)
     });
-    // The same on MNIST digits (the embedded sample's first m), whose blank rows the SIMD
+    // The same on MNIST digits (the embedded sample's first m), whose blank background the SIMD
     // kernels skip; GFLOP/s counted on the full, dense work, as above.
     let digits = mnistconv::mnist::embedded::train();
     let mut xd = vec![0.0f32; m * w.slot()];

@@ -70,7 +70,7 @@ pub struct BenchReport {
     pub fma_peak_gflops: f64,
     /// Share of a training step's multiply-adds (as counted in `train_gflops`) that the
     /// kernels skipped as exact zeros: the conv's and its kernel gradient's products with the
-    /// bench images' blank rows (measured on them, unshifted).
+    /// bench images' blank background (measured on them, unshifted).
     pub skipped_share: f64,
     /// `train_gflops` less the skipped share: the arithmetic the machine actually did.
     pub train_gflops_executed: f64,
@@ -191,7 +191,7 @@ pub fn run(
 }
 
 /// Share of a training step's multiply-adds ([`train_macs`]) that the kernels skip on `data`'s
-/// images (the conv's and its kernel gradient's products with blank rows), averaged over them.
+/// images (the conv's and its kernel gradient's products with blank background), averaged over them.
 pub fn skipped_share(cfg: &NetConfig, data: &Dataset) -> f64 {
     let w = kernels::Wide {
         img: cfg.img,
@@ -201,7 +201,8 @@ pub fn skipped_share(cfg: &NetConfig, data: &Dataset) -> f64 {
     let mut slot = vec![0.0; w.slot()];
     let (mut fwd, mut dk) = (0.0, 0.0);
     for i in 0..data.len() {
-        let (f, d) = kernels::skipped_share(be, w, w.fill(data.image(i), &mut slot));
+        let ink = w.fill(data.image(i), &mut slot);
+        let (f, d) = kernels::skipped_share(be, w, &slot, ink);
         (fwd, dk) = (fwd + f, dk + d);
     }
     let n = data.len().max(1) as f64;

@@ -537,10 +537,12 @@ impl Wide {
 }
 
 /// The span of one image slot's nonzero floats in the taps' reads (see [`Wide::ink`]): outside
-/// `[lo, hi)` every read is an exact zero, whose products the SIMD conv kernels skip. With a
+/// `[lo, hi)` every read is an exact zero, whose products the AVX2 conv kernels skip. With a
 /// bias-free network, MNIST's blank top and bottom rows make about a ninth of the conv's and
-/// of its kernel gradient's multiply-adds such products. Skipping them changes no sum that
-/// has a nonzero term (adding `±0` to it is exact); for finite weights it changes nothing at all.
+/// of its kernel gradient's multiply-adds such products; the kernel gradient also skips, per
+/// tap group, the 8-position blocks whose reads are all zero (with the rows, 29 % of it on
+/// MNIST). Skipping them changes no sum that has a nonzero term (adding `±0` to it is exact);
+/// for finite weights it changes nothing at all.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ink {
     lo: usize,
@@ -548,6 +550,10 @@ pub struct Ink {
 }
 
 impl Ink {
+    /// `[lo, hi)`: outside it every window float is zero (empty when lo ≥ hi).
+    pub(crate) fn range(self) -> (usize, usize) {
+        (self.lo, self.hi)
+    }
     /// Tap rows `i` (half-open, `< ks`) whose reads for positions `q0..q0 + len` may be nonzero:
     /// `q0 + i·conv < hi` and `q0 + len + i·conv > lo`.
     fn tap_rows(self, q0: usize, len: usize, conv: usize, ks: usize) -> (usize, usize) {
@@ -570,16 +576,24 @@ impl Ink {
     }
 }
 
-/// The shares of the conv's and of its kernel gradient's multiply-adds that backend `be` skips
-/// as exact zeros for a slot with this ink: (forward, kernel gradient). Only the AVX2 kernels
-/// skip; on the others both are 0. Over the default network, `wq` positions × `ks²` taps per
-/// map.
-pub fn skipped_share(be: Backend, w: Wide, ink: Ink) -> (f64, f64) {
+/// The shares of the conv's and of its kernel gradient's multiply-adds (`wq` positions × `ks²`
+/// taps per map) that backend `be` skips as exact zeros for `slot`, whose ink is `ink`:
+/// (forward, kernel gradient). Only the AVX2 kernels skip; on the others both are 0.
+///
+/// # Panics
+/// If `slot` is shorter than [`Wide::slot`].
+pub fn skipped_share(be: Backend, w: Wide, slot: &[f32], ink: Ink) -> (f64, f64) {
+    let slot = &slot[..w.slot()];
     #[cfg(target_arch = "x86_64")]
     if be.resolve() == Backend::Avx2 && w.ks * w.ks <= MAX_TAPS {
-        return avx2::skipped_share(ink, (w.conv(), w.ks), w.wq());
+        let offs = w.offsets();
+        // SAFETY: `resolve` detected AVX2; every tap's reads `off(p) + q`, q < wq, lie in the
+        // slot (the definition of `slot`), whose length was checked above.
+        return unsafe {
+            avx2::skipped_share(slot, &offs[..w.ks * w.ks], ink, (w.conv(), w.ks), w.wq())
+        };
     }
-    let _ = (be, w, ink);
+    let _ = (be, w, slot, ink);
     (0.0, 0.0)
 }
 
@@ -1817,12 +1831,14 @@ mod tests {
         let blank = Ink { lo: 0, hi: 0 };
         let mut pic = vec![0u8; 28 * 28];
         pic[10 * 28..18 * 28].fill(9);
-        let band = w.fill(&pic, &mut vec![0.0; w.slot()]);
+        let mut slot = vec![0.0; w.slot()];
+        let band = w.fill(&pic, &mut slot);
+        let (blank_slot, full_slot) = (vec![0.0; w.slot()], vec![1.0; w.slot()]);
         for be in Backend::available() {
-            assert_eq!(skipped_share(be, w, full), (0.0, 0.0), "{be:?}");
-            let (f, d) = skipped_share(be, w, band);
+            assert_eq!(skipped_share(be, w, &full_slot, full), (0.0, 0.0), "{be:?}");
+            let (f, d) = skipped_share(be, w, &slot, band);
             if be.resolve() == Backend::Avx2 {
-                assert_eq!(skipped_share(be, w, blank), (1.0, 1.0));
+                assert_eq!(skipped_share(be, w, &blank_slot, blank), (1.0, 1.0));
                 // Rows 10..18 inked: a tap row i reads ink at position q when q/20 + i is
                 // one of them. Forward: tiles of 16 positions; gradient: blocks of 8.
                 let inked = |q: usize, i: usize| (10..18).contains(&(q / 20 + i));

@@ -1142,7 +1142,7 @@ fn cmd_bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
         r.batch, r.train_epoch_seconds, r.images, r.train_images_per_second, r.train_gflops
     );
     println!(
-        "  skipped as exact zeros: {:.1}% of those multiply-adds (blank rows), so {:.1} GFLOP/s executed",
+        "  skipped as exact zeros: {:.1}% of those multiply-adds (blank background), so {:.1} GFLOP/s executed",
         100.0 * r.skipped_share,
         r.train_gflops_executed
     );

@@ -317,12 +317,12 @@ unsafe fn dk_tile<const MR: usize, const NR: usize>(
     m: usize,
     offs: &[usize],
     wq: usize,
-    spans: &[(usize, usize)],
+    blocks: &[Blocks],
     dk: *mut f32,
     add: bool,
 ) {
     let mut acc = [[_mm256_setzero_ps(); NR]; MR];
-    for (e, &span) in spans.iter().enumerate().take(m) {
+    for (e, &span) in blocks.iter().enumerate().take(m) {
         // SAFETY: per the contract.
         unsafe {
             dk_image::<MR, NR>(
@@ -350,13 +350,22 @@ unsafe fn dk_tile<const MR: usize, const NR: usize>(
     }
 }
 
+/// The 8-position blocks of one image that a `dk` tile visits: a range, or the set bits of a
+/// mask (block b = positions 8b..8b+8), outside which every product of the tile is an exact
+/// zero.
+#[derive(Clone, Copy, Debug)]
+enum Blocks {
+    Range(usize, usize),
+    Mask(u64),
+}
+
 /// One image's share of a `dk_tile`: the accumulators live in registers over the image's
-/// positions `span` (those where one of the tile's taps may read a nonzero; elsewhere every
-/// product is an exact zero).
+/// blocks (those where one of the tile's taps may read a nonzero; elsewhere every product is
+/// an exact zero).
 ///
 /// # Safety
 /// AVX2 and FMA present; dz rows i·wq .. +wq (i < MR) and x + offs[j] .. +wq (j < NR) readable;
-/// span.0 ≤ span.1 ≤ wq, both multiples of 8.
+/// a range lies within 0..wq in multiples of 8, a mask has no bit at or past wq/8.
 #[target_feature(enable = "avx2,fma")]
 #[inline(never)]
 unsafe fn dk_image<const MR: usize, const NR: usize>(
@@ -364,7 +373,7 @@ unsafe fn dk_image<const MR: usize, const NR: usize>(
     x: *const f32,
     offs: &[usize],
     wq: usize,
-    (mut q, end): (usize, usize),
+    blocks: Blocks,
     acc: &mut [[__m256; NR]; MR],
 ) {
     let mut t = *acc;
@@ -373,9 +382,9 @@ unsafe fn dk_image<const MR: usize, const NR: usize>(
         // SAFETY: per the contract.
         xp[j] = unsafe { x.add(offs[j]) };
     }
-    debug_assert!(q <= end && end <= wq && q % 8 == 0 && end % 8 == 0);
-    while q < end {
-        // SAFETY: per the contract.
+    // Positions q..q+8 of every map row and tap of the tile.
+    let mut step = |q: usize| {
+        // SAFETY: per the contract (q + 8 ≤ wq).
         unsafe {
             let mut xv = [_mm256_setzero_ps(); NR];
             for j in 0..NR {
@@ -388,9 +397,109 @@ unsafe fn dk_image<const MR: usize, const NR: usize>(
                 }
             }
         }
-        q += 8;
+    };
+    match blocks {
+        Blocks::Range(mut q, end) => {
+            debug_assert!(q <= end && end <= wq && q % 8 == 0 && end % 8 == 0);
+            while q < end {
+                step(q);
+                q += 8;
+            }
+        }
+        Blocks::Mask(mut bits) => {
+            debug_assert!(wq >= 512 || bits >> (wq / 8) == 0);
+            while bits != 0 {
+                step(8 * bits.trailing_zeros() as usize);
+                bits &= bits - 1;
+            }
+        }
     }
     *acc = t;
+}
+
+/// One bit per byte of `t`: bit k set when byte k is nonzero.
+#[inline]
+fn nonzero_bytes(mut t: u64) -> u64 {
+    t |= t >> 4;
+    t |= t >> 2;
+    t |= t >> 1;
+    (t & 0x0101_0101_0101_0101).wrapping_mul(0x0102_0408_1020_4080) >> 56
+}
+
+/// Bit b of `masks[g]`: some tap of group g (taps `CD_NR·g ..` of one tap row i, copies
+/// j..j + CD_NR) reads a nonzero (NaN counts, −0 does not) at positions 8b..8b+8, i.e. in the
+/// floats `i·conv + 8b ..+8` of those copies' windows. Per group of copies, the floats that
+/// meet `ink` (all others are zero) are OR-ed across the copies and tested 8 at a time into one
+/// byte each (`nz[u]`: bit k for float 8u + k); then per phase φ = (i·conv) mod 8 the bytes are
+/// realigned to blocks starting at 8u + φ, and row i's mask is that shifted by ⌊i·conv/8⌋.
+/// Returns false, with `masks` untouched, when the layout does not fit: a map of more than 64
+/// blocks, a window of more than 128, or `ks` not a multiple of `CD_NR`.
+///
+/// # Safety
+/// AVX2 present; copy j's window, x + off[j] .. + (ks − 1)·conv + wq, readable for j < ks.
+#[target_feature(enable = "avx2")]
+unsafe fn tap_groups(
+    x: *const f32,
+    offs: &[usize],
+    ink: super::Ink,
+    (conv, ks): (usize, usize),
+    wq: usize,
+    masks: &mut [u64],
+) -> bool {
+    let (nb, win) = (wq / 8, (ks - 1) * conv + wq);
+    if nb > 64 || win > 8 * 128 || ks % CD_NR != 0 {
+        return false;
+    }
+    let keep = if nb == 64 { u64::MAX } else { (1u64 << nb) - 1 };
+    let (lo, hi) = ink.range();
+    let (ulo, uhi) = (lo / 8, hi.div_ceil(8).min(win.div_ceil(8)));
+    let signless = _mm256_set1_epi32(0x7fff_ffff);
+    let mut nz = [0u8; 8 * 128 / 8 + 16];
+    for j0 in (0..ks).step_by(CD_NR) {
+        nz.fill(0);
+        for u in ulo..uhi {
+            nz[u] = if 8 * u + 8 <= win {
+                // SAFETY: floats 8u .. 8u + 8 ≤ win of copies j0 .. j0 + CD_NR.
+                unsafe {
+                    let mut v = _mm256_loadu_si256(x.add(offs[j0] + 8 * u) as *const __m256i);
+                    for j in j0 + 1..j0 + CD_NR {
+                        let w = _mm256_loadu_si256(x.add(offs[j] + 8 * u) as *const __m256i);
+                        v = _mm256_or_si256(v, w);
+                    }
+                    let zero =
+                        _mm256_cmpeq_epi32(_mm256_and_si256(v, signless), _mm256_setzero_si256());
+                    !(_mm256_movemask_ps(_mm256_castsi256_ps(zero)) as u8)
+                }
+            } else {
+                0xFF // a last, partial block: taken as nonzero
+            };
+        }
+        let mut phase: [Option<u128>; 8] = [None; 8];
+        for i in 0..ks {
+            let (phi, u0) = ((i * conv) % 8, i * conv / 8);
+            let bits = *phase[phi].get_or_insert_with(|| {
+                let rep = |b: u64| b * 0x0101_0101_0101_0101;
+                let mut s = 0u128;
+                for w in 0..win.div_ceil(64) {
+                    let word = |o: usize| {
+                        u64::from_le_bytes(
+                            nz[8 * w + o..8 * w + o + 8].try_into().unwrap_or([0xFF; 8]),
+                        )
+                    };
+                    let t = if phi == 0 {
+                        word(0)
+                    } else {
+                        ((word(0) >> phi) & rep(0xFF >> phi))
+                            | ((word(1) << (8 - phi)) & rep((0xFF << (8 - phi)) & 0xFF))
+                    };
+                    s |= u128::from(nonzero_bytes(t)) << (8 * w);
+                }
+                s
+            });
+            masks[(i * ks + j0) / CD_NR] = ((bits >> u0) as u64) & keep;
+        }
+    }
+    true
 }
 
 /// Each image's positions run over the span where the tile's taps may read a nonzero (`ink(e)`
@@ -424,15 +533,27 @@ pub unsafe fn conv_dk(
         }
         // SAFETY: image e < m starts inside dz and x.
         let (dz, x, add) = unsafe { (dz.add(e * n_k * wq), x.add(e * xs), e > 0) };
+        let mut masks = [[0u64; super::MAX_TAPS / CD_NR + 1]; DK_IMAGES];
+        let mut masked = [false; DK_IMAGES];
+        for d in 0..me {
+            // SAFETY: image e + d's slot holds every copy's window.
+            masked[d] =
+                unsafe { tap_groups(x.add(d * xs), offs, inks[d], (conv, ks), wq, &mut masks[d]) };
+        }
         let mut i = 0;
         while i < n_k {
             let mr = (n_k - i).min(CD_MR);
             let mut p = 0;
             while p < kk {
                 let nr = (kk - p).min(CD_NR);
-                let mut spans = [(0, 0); DK_IMAGES];
-                for (s, ink) in spans.iter_mut().zip(&inks).take(me) {
-                    *s = ink.span(p / ks, (p + nr - 1) / ks, conv, wq, 8);
+                let mut spans = [Blocks::Range(0, 0); DK_IMAGES];
+                for d in 0..me {
+                    spans[d] = if masked[d] {
+                        Blocks::Mask(masks[d][p / CD_NR])
+                    } else {
+                        let (a, b) = inks[d].span(p / ks, (p + nr - 1) / ks, conv, wq, 8);
+                        Blocks::Range(a, b)
+                    };
                 }
                 let spans = &spans[..me];
                 // SAFETY: maps i..i+mr < n_k and taps p..p+nr ≤ kk of images e..e+me are in
@@ -463,7 +584,17 @@ pub unsafe fn conv_dk(
 
 /// The shares of `conv_fwd`'s and of `conv_dk`'s multiply-adds that they skip for one slot
 /// with this ink, on their tiles: (forward, kernel gradient).
-pub fn skipped_share(ink: super::Ink, (conv, ks): (usize, usize), wq: usize) -> (f64, f64) {
+///
+/// # Safety
+/// AVX2 present; `slot` holds every tap's reads at `offs`.
+#[target_feature(enable = "avx2")]
+pub unsafe fn skipped_share(
+    slot: &[f32],
+    offs: &[usize],
+    ink: super::Ink,
+    (conv, ks): (usize, usize),
+    wq: usize,
+) -> (f64, f64) {
     let (kk, nvt) = (ks * ks, wq / 8);
     let mut fwd = 0;
     for v0 in (0..nvt).step_by(CF_NV) {
@@ -472,10 +603,18 @@ pub fn skipped_share(ink: super::Ink, (conv, ks): (usize, usize), wq: usize) -> 
         fwd += (ks - (ihi - ilo)) * ks * 8 * nv;
     }
     let mut dk = 0;
+    let mut masks = [0u64; super::MAX_TAPS / CD_NR + 1];
+    // SAFETY: per the contract.
+    let masked = unsafe { tap_groups(slot.as_ptr(), offs, ink, (conv, ks), wq, &mut masks) };
     for p in (0..kk).step_by(CD_NR) {
         let nr = (kk - p).min(CD_NR);
-        let (a, b) = ink.span(p / ks, (p + nr - 1) / ks, conv, wq, 8);
-        dk += nr * (wq - (b - a));
+        let visited = if masked {
+            8 * masks[p / CD_NR].count_ones() as usize
+        } else {
+            let (a, b) = ink.span(p / ks, (p + nr - 1) / ks, conv, wq, 8);
+            b - a
+        };
+        dk += nr * (wq - visited);
     }
     let all = (kk * wq) as f64;
     (fwd as f64 / all, dk as f64 / all)
@@ -802,5 +941,63 @@ pub unsafe fn nt(
             i += mr;
         }
         j += nr;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::{Wide, has_avx2_fma};
+
+    /// Every block that a tap group reads a nonzero in (NaN included, −0 not) has its bit set,
+    /// for slots with a few values anywhere (and the ink that `Wide::ink` finds for them).
+    #[test]
+    fn tap_group_masks_hold_every_nonzero_read() {
+        if !has_avx2_fma() {
+            return;
+        }
+        for (img, ks) in [(28, 9), (24, 9), (12, 3), (16, 6), (9, 3)] {
+            let w = Wide { img, ks };
+            let (conv, kk, wq) = (w.conv(), ks * ks, w.wq());
+            let offs: Vec<usize> = (0..kk).map(|p| w.off(p)).collect();
+            let mut seed = 7u64;
+            for round in 0..300 {
+                let mut slot = vec![0.0f32; w.slot()];
+                for _ in 0..1 + round % 5 {
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let at = (seed >> 33) as usize % slot.len();
+                    slot[at] = [1.0, f32::NAN, -0.0, -2.5][(seed >> 20) as usize % 4];
+                }
+                let ink = w.ink(&slot);
+                let mut masks = [0u64; 256 / CD_NR + 1];
+                // SAFETY: AVX2 detected; the slot holds every copy's window.
+                let ok =
+                    unsafe { tap_groups(slot.as_ptr(), &offs, ink, (conv, ks), wq, &mut masks) };
+                assert!(ok, "{img}/{ks}");
+                for p0 in (0..kk).step_by(CD_NR) {
+                    for b in 0..wq / 8 {
+                        let read = (p0..p0 + CD_NR).any(|p| {
+                            (0..8).any(|q| {
+                                let v = slot[offs[p] + 8 * b + q];
+                                v.to_bits() << 1 != 0
+                            })
+                        });
+                        let bit = masks[p0 / CD_NR] >> b & 1 == 1;
+                        assert!(
+                            !read || bit,
+                            "{img}/{ks} round {round}: taps {p0}.., block {b}"
+                        );
+                        // Exact where every window is whole blocks (no partial last one).
+                        let win = (ks - 1) * conv + wq;
+                        assert!(
+                            win % 8 != 0 || read || !bit,
+                            "{img}/{ks} round {round}: {p0}, {b} set"
+                        );
+                    }
+                }
+            }
+        }
     }
 }
