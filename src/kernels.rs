@@ -1840,18 +1840,36 @@ mod tests {
             if be.resolve() == Backend::Avx2 {
                 assert_eq!(skipped_share(be, w, &blank_slot, blank), (1.0, 1.0));
                 // Rows 10..18 inked: a tap row i reads ink at position q when q/20 + i is
-                // one of them. Forward: tiles of 16 positions; gradient: blocks of 8.
+                // one of them. The tiles: forward, block pairs (b, b + 5), b mod 10 < 5;
+                // gradient, single blocks of 8.
                 let inked = |q: usize, i: usize| (10..18).contains(&(q / 20 + i));
-                let share = |len: usize| {
-                    let idle = (0..400)
-                        .step_by(len)
-                        .flat_map(|q0| (0..9).map(move |i| (q0, i)))
-                        .filter(|&(q0, i)| !(q0..q0 + len).any(|q| inked(q, i)))
-                        .count();
-                    (idle * len) as f64 / (400 * 9) as f64
+                let share = |tiles: &[Vec<usize>]| {
+                    let idle: usize = tiles
+                        .iter()
+                        .map(|t| {
+                            let blank = |i: &usize| {
+                                !t.iter().any(|&b| (8 * b..8 * b + 8).any(|q| inked(q, *i)))
+                            };
+                            t.len() * 8 * (0..9).filter(blank).count()
+                        })
+                        .sum();
+                    idle as f64 / (400 * 9) as f64
                 };
-                assert!((f - share(16)).abs() < 1e-12, "{f} vs {}", share(16));
-                assert!((d - share(8)).abs() < 1e-12, "{d} vs {}", share(8));
+                let pairs: Vec<_> = (0..50)
+                    .filter(|b| b % 10 < 5)
+                    .map(|b| vec![b, b + 5])
+                    .collect();
+                let blocks: Vec<_> = (0..50).map(|b| vec![b]).collect();
+                assert!(
+                    (f - share(&pairs)).abs() < 1e-12,
+                    "{f} vs {}",
+                    share(&pairs)
+                );
+                assert!(
+                    (d - share(&blocks)).abs() < 1e-12,
+                    "{d} vs {}",
+                    share(&blocks)
+                );
             } else {
                 assert_eq!((f, d), (0.0, 0.0), "{be:?}");
             }
