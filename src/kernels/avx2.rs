@@ -8,6 +8,10 @@
 //! (`cargo run --release --example kernel_timing`, Zen 3): a 4×3 conv tile (12 accumulators,
 //! 3 loads and a broadcast: all 16 registers) ran at half the speed of 5×2 (≈ 45 against
 //! ≈ 93 GFLOP/s on one core); for `dk` 4×3 beat 5×2, 3×3 and 6×2 (≈ 85 against 74–79).
+//!
+//! The conv kernels leave out products whose image operand is an exact zero (the slot's blank
+//! rows, its [`super::Ink`]; then per group of three taps the 8-position blocks that `tap_groups`
+//! finds blank): for a bias-free network these add `±0`, which changes no sum.
 // Register tiles are indexed by constant loop counters that unroll; iterators would hide that.
 #![allow(clippy::needless_range_loop)]
 use std::arch::x86_64::*;
