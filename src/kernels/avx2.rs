@@ -296,8 +296,8 @@ unsafe fn conv_pair<const MR: usize>(
 /// The conv over block pairs (b, b + 5), blocks of 8 positions in runs of 10 (b mod 10 < 5):
 /// two rows apart in the default 20-wide maps, so their reads tend to be blank together, and
 /// each pair visits only the tap groups whose reads in one of its blocks hold a nonzero (the
-/// kernel gradient's masks, see `tap_groups`; on MNIST 24 % of the products are skipped so,
-/// against 12 % by blank rows alone). Returns false, having written nothing, when the layout
+/// kernel gradient's masks, see `tap_groups`; over the embedded MNIST sample 20 % of the
+/// products are skipped so, by `skipped_share`, against 12 % by blank rows alone). Returns false, having written nothing, when the layout
 /// does not allow it (the masks cannot be made, wq/8 is not a multiple of 10, or more than 64
 /// tap groups).
 ///
@@ -1120,7 +1120,7 @@ mod tests {
                     slot[at] = [1.0, f32::NAN, -0.0, -2.5][(seed >> 20) as usize % 4];
                 }
                 let ink = w.ink(&slot);
-                let mut masks = [0u64; 256 / CD_NR + 1];
+                let mut masks = [0u64; crate::kernels::MAX_TAPS / CD_NR + 1];
                 // SAFETY: AVX2 detected; the slot holds every copy's window.
                 let ok =
                     unsafe { tap_groups(slot.as_ptr(), &offs, ink, (conv, ks), wq, &mut masks) };
