@@ -7,6 +7,11 @@
 //! - [`gemm_nt`]: `C (m×n) = A (m×k) · Bᵀ` with `B` given as `n×k`, both row-major: dot products
 //!   along the contiguous `k` (dense forward over the 2000 inputs, kernel gradient over positions).
 //!
+//! Two sparse variants serve the products with `∂L/∂v⁽⁻¹⁾`, most of whose entries are exact
+//! zeros behind the hidden ReLU: [`gemm_nn_at`] (the depths where A has a nonzero) and
+//! [`gemm_csr`] (A stored by rows without its zeros, [`Csr`]). They run the AVX2 kernels where
+//! the CPU has them and plain loops otherwise.
+//!
 //! Each has four implementations with one contract, chosen at run time ([`backend`]): a
 //! hand-written AVX-512 kernel (register-tiled, masked tails, FMA) when the CPU has AVX-512F; the
 //! same tiles narrowed to AVX2 + FMA (`kernels/avx2.rs`, 8 lanes, 16 registers) when it has those; a
@@ -265,7 +270,7 @@ pub fn gemm_nn_on(
                 if be == Backend::Avx512 {
                     avx512::nn(m, n, k, ap, ars, acs, bp, ldb, cp, ldc, acc)
                 } else {
-                    avx2::nn(m, n, k, ap, ars, acs, bp, ldb, cp, ldc, acc)
+                    avx2::nn(m, n, None, k, ap, ars, acs, bp, ldb, cp, ldc, acc)
                 }
             }
         }
@@ -371,6 +376,303 @@ pub fn gemm_nt_on(
                     1,
                 )
             }
+        }
+    }
+}
+
+/// The depths `p < k` at which some row of the `m × k` matrix `a[i·ars + p·acs]` is not an exact
+/// zero, increasing, into `out` (cleared first; no allocation within its capacity).
+///
+/// # Panics
+/// If the matrix reaches outside `a`, or `k` does not fit in `u32`.
+pub fn nonzero_cols(m: usize, k: usize, a: &[f32], ars: usize, acs: usize, out: &mut Vec<u32>) {
+    assert!(
+        u32::try_from(k).is_ok(),
+        "nonzero_cols: {k} columns do not fit u32"
+    );
+    out.clear();
+    if m == 0 {
+        return;
+    }
+    for p in 0..k {
+        if (0..m).any(|i| a[i * ars + p * acs] != 0.0) {
+            out.push(p as u32);
+        }
+    }
+}
+
+/// [`gemm_nn`] over the depths `ks` only: `C = Σ_{p ∈ ks} A[:, p]·B[p, :]` (or `+=` when `acc`).
+/// With `ks` the [`nonzero_cols`] of A it is `A·B` with the all-zero columns of A left out,
+/// which on the AVX2 backend gives [`gemm_nn`]'s bits whenever B is finite (a left-out term
+/// adds `±0`), and for `∂L/∂y⁽⁻²⁾ = ∂L/∂v⁽⁻¹⁾ · w⁽⁻¹⁾` behind a ReLU skips the rows of
+/// `w⁽⁻¹⁾` for hidden units no image of the chunk uses.
+///
+/// # Panics
+/// As [`gemm_nn`], for the depth `max(ks) + 1`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_nn_at(
+    m: usize,
+    n: usize,
+    ks: &[u32],
+    a: &[f32],
+    ars: usize,
+    acs: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    acc: bool,
+) {
+    gemm_nn_at_on(backend(), m, n, ks, a, ars, acs, b, ldb, c, ldc, acc)
+}
+
+/// [`gemm_nn_at`] on a chosen backend (AVX-512 runs the AVX2 kernel).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_nn_at_on(
+    be: Backend,
+    m: usize,
+    n: usize,
+    ks: &[u32],
+    a: &[f32],
+    ars: usize,
+    acs: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    acc: bool,
+) {
+    let depth = ks.iter().max().map_or(0, |&p| p as usize + 1);
+    check_nn(m, n, depth, a, ars, acs, b, ldb, c, ldc);
+    if empty_product(m, n, ks.len(), c, ldc, acc) {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if matches!(be.resolve(), Backend::Avx512 | Backend::Avx2) && has_avx2_fma() {
+        let (ap, bp, cp) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+        // SAFETY: AVX2 and FMA were detected. Every index in `ks` is below `depth`, for which
+        // `check_nn` asserted that A (i·ars + p·acs, i < m), B (p·ldb + j, j < n) and C
+        // (i·ldc + j, ldc ≥ n) lie inside their slices; `c` is an exclusive borrow.
+        unsafe {
+            avx2::nn(
+                m,
+                n,
+                Some(ks),
+                ks.len(),
+                ap,
+                ars,
+                acs,
+                bp,
+                ldb,
+                cp,
+                ldc,
+                acc,
+            )
+        };
+        return;
+    }
+    let _ = be;
+    for i in 0..m {
+        let row = &mut c[i * ldc..i * ldc + n];
+        if !acc {
+            row.fill(0.0);
+        }
+        for &p in ks {
+            let (p, av) = (p as usize, a[i * ars + p as usize * acs]);
+            row.iter_mut()
+                .zip(&b[p * ldb..p * ldb + n])
+                .for_each(|(o, &x)| *o += av * x);
+        }
+    }
+}
+
+/// A sparse matrix stored by rows (compressed sparse rows): row `i`'s nonzeros are
+/// `val[ptr[i]..ptr[i + 1]]`, at the increasing columns `col[ptr[i]..ptr[i + 1]]`. Built from a
+/// dense matrix by [`Csr::gather`], which leaves out the exact zeros; the buffers are kept, so
+/// rebuilding a matrix of at most the reserved size allocates nothing.
+#[derive(Clone, Debug, Default)]
+pub struct Csr {
+    rows: usize,
+    cols: usize,
+    ptr: Vec<usize>,
+    col: Vec<u32>,
+    val: Vec<f32>,
+    /// The columns that some row uses, increasing (the rows of B a product reads).
+    used: Vec<u32>,
+    seen: Vec<bool>,
+}
+
+impl Csr {
+    /// An empty matrix with room for `rows × cols` entries.
+    pub fn with_capacity(rows: usize, cols: usize) -> Self {
+        Csr {
+            rows: 0,
+            cols: 0,
+            ptr: Vec::with_capacity(rows + 1),
+            col: Vec::with_capacity(rows * cols),
+            val: Vec::with_capacity(rows * cols),
+            used: Vec::with_capacity(cols),
+            seen: Vec::with_capacity(cols),
+        }
+    }
+
+    /// Becomes the `m × k` matrix at `a[i·ars + p·acs]` without its exact zeros (`±0`; NaN is
+    /// kept). In a product `Σ_p a_ip·b_pj` a left-out term adds `±0`, which changes no sum when
+    /// B is finite.
+    ///
+    /// # Panics
+    /// If the matrix reaches outside `a`, or `k` does not fit in `u32`.
+    pub fn gather(&mut self, m: usize, k: usize, a: &[f32], ars: usize, acs: usize) {
+        assert!(u32::try_from(k).is_ok(), "Csr: {k} columns do not fit u32");
+        if m > 0 && k > 0 {
+            let ea = (m - 1) * ars + (k - 1) * acs + 1;
+            assert!(
+                a.len() >= ea,
+                "Csr: A {m}×{k} (strides {ars}, {acs}) needs {ea} elements, has {}",
+                a.len()
+            );
+        }
+        (self.rows, self.cols) = (m, k);
+        self.ptr.clear();
+        self.ptr.push(0);
+        self.col.resize(m * k, 0);
+        self.val.resize(m * k, 0.0);
+        self.seen.clear();
+        self.seen.resize(k, false);
+        let mut e = 0;
+        for i in 0..m {
+            for p in 0..k {
+                // Written always, kept (e advances) only when nonzero: no branch to mispredict.
+                let v = a[i * ars + p * acs];
+                self.col[e] = p as u32;
+                self.val[e] = v;
+                let keep = v != 0.0;
+                self.seen[p] |= keep;
+                e += usize::from(keep);
+            }
+            self.ptr.push(e);
+        }
+        self.col.truncate(e);
+        self.val.truncate(e);
+        self.used.clear();
+        self.used
+            .extend((0..k as u32).filter(|&p| self.seen[p as usize]));
+    }
+
+    /// Rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Entries kept.
+    pub fn nnz(&self) -> usize {
+        self.val.len()
+    }
+
+    /// Row `i` as (columns, values).
+    pub fn row(&self, i: usize) -> (&[u32], &[f32]) {
+        let r = self.ptr[i]..self.ptr[i + 1];
+        (&self.col[r.clone()], &self.val[r])
+    }
+}
+
+/// `C = A[rows]·B` for a sparse `A` ([`Csr`], `k` columns) and a dense `B` (k×n) at
+/// `b[p·ldb + j]`; `C` row `i` (for A's row `rows.start + i`) at `c[i·ldc + j]`. Each output is
+/// `Σ_p a_ip·b_pj` over the row's kept entries in column order, so on the AVX2 backend it
+/// is bit-for-bit [`gemm_nn`]'s result for `k ≤ 128` whenever B is finite (the left-out terms
+/// would add `±0`). Used where A is mostly zeros: the hidden layer's `∂L/∂v⁽⁻¹⁾` behind a ReLU.
+///
+/// # Panics
+/// If `rows` is not within A, or B or C reach outside their slices, or `ldb`/`ldc` < `n`.
+pub fn gemm_csr(
+    a: &Csr,
+    rows: std::ops::Range<usize>,
+    n: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    gemm_csr_on(backend(), a, rows, n, b, ldb, c, ldc)
+}
+
+/// [`gemm_csr`] on a chosen backend (AVX-512 runs the AVX2 kernel).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_csr_on(
+    be: Backend,
+    a: &Csr,
+    rows: std::ops::Range<usize>,
+    n: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    assert!(
+        rows.start <= rows.end && rows.end <= a.rows,
+        "gemm_csr: rows {rows:?} of a {}-row matrix",
+        a.rows
+    );
+    assert!(
+        ldb >= n && ldc >= n,
+        "gemm_csr: ldb {ldb}, ldc {ldc} must be ≥ n {n}"
+    );
+    let m = rows.len();
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        c.len() >= (m - 1) * ldc + n,
+        "gemm_csr: C {m}×{n} (ldc {ldc}) needs {} elements, has {}",
+        (m - 1) * ldc + n,
+        c.len()
+    );
+    if a.cols > 0 {
+        assert!(
+            b.len() >= (a.cols - 1) * ldb + n,
+            "gemm_csr: B {}×{n} (ldb {ldb}) needs {} elements, has {}",
+            a.cols,
+            (a.cols - 1) * ldb + n,
+            b.len()
+        );
+    }
+    let ptr = &a.ptr[rows.start..=rows.end];
+    #[cfg(target_arch = "x86_64")]
+    if matches!(be.resolve(), Backend::Avx512 | Backend::Avx2) && has_avx2_fma() {
+        // SAFETY: AVX2 and FMA were detected. `gather` made every column index < a.cols, and
+        // B holds (a.cols − 1)·ldb + n floats (asserted), so every read b[p·ldb + j], j < n,
+        // is in bounds; `ptr` are offsets into col/val (built together, ptr increasing); the
+        // `used` rows are columns < a.cols too; C holds (m − 1)·ldc + n floats with ldc ≥ n, an
+        // exclusive borrow.
+        unsafe {
+            avx2::csr(
+                m,
+                n,
+                ptr.as_ptr(),
+                a.col.as_ptr(),
+                a.val.as_ptr(),
+                b.as_ptr(),
+                ldb,
+                &a.used,
+                c.as_mut_ptr(),
+                ldc,
+            )
+        };
+        return;
+    }
+    let _ = be;
+    for i in 0..m {
+        let out = &mut c[i * ldc..i * ldc + n];
+        out.fill(0.0);
+        let r = ptr[i]..ptr[i + 1];
+        for (&p, &v) in a.col[r.clone()].iter().zip(&a.val[r]) {
+            let brow = &b[p as usize * ldb..p as usize * ldb + n];
+            out.iter_mut().zip(brow).for_each(|(o, &x)| *o += v * x);
         }
     }
 }
@@ -2132,6 +2434,174 @@ mod tests {
                 }
             }
         }
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// `rand_vec` with about `zeros` of its entries set to +0 or −0 (alternately).
+    fn sparse_vec(n: usize, seed: u32, zeros: f32) -> Vec<f32> {
+        let pick = rand_vec(n, seed ^ 0x5a5a);
+        rand_vec(n, seed)
+            .into_iter()
+            .zip(pick)
+            .enumerate()
+            .map(|(i, (v, u))| {
+                if (u + 1.0) / 2.0 < zeros {
+                    if i % 2 == 0 { 0.0 } else { -0.0 }
+                } else {
+                    v
+                }
+            })
+            .collect()
+    }
+
+    /// `Csr::gather` keeps exactly the entries that are not ±0 (NaN included), in column
+    /// order, and `used` is the columns some row keeps.
+    #[test]
+    fn csr_keeps_exactly_the_nonzeros() {
+        let (m, k) = (9, 23);
+        let mut a = sparse_vec(m * k, 11, 0.7);
+        a[5] = f32::NAN;
+        a[k] = -0.0;
+        let mut csr = Csr::with_capacity(m, k);
+        for (ars, acs) in [(k, 1), (1, m)] {
+            csr.gather(m, k, &a, ars, acs);
+            assert_eq!((csr.rows(), csr.cols()), (m, k));
+            let mut nnz = 0;
+            let mut used = vec![false; k];
+            for i in 0..m {
+                let want: Vec<u32> = (0..k as u32)
+                    .filter(|&p| a[i * ars + p as usize * acs] != 0.0)
+                    .collect();
+                let (cols, vals) = csr.row(i);
+                assert_eq!(cols, &want[..], "row {i}");
+                for (&p, &v) in cols.iter().zip(vals) {
+                    assert_eq!(v.to_bits(), a[i * ars + p as usize * acs].to_bits());
+                    used[p as usize] = true;
+                }
+                nnz += cols.len();
+            }
+            assert_eq!(csr.nnz(), nnz);
+            let want_used: Vec<u32> = (0..k as u32).filter(|&p| used[p as usize]).collect();
+            assert_eq!(csr.used, want_used);
+            let mut live = Vec::new();
+            nonzero_cols(m, k, &a, ars, acs, &mut live);
+            assert_eq!(live, want_used);
+        }
+        // Rebuilding a smaller matrix in the same buffers forgets the old one.
+        csr.gather(2, 3, &[0.0, 1.0, 0.0, 0.0, 0.0, 0.0], 3, 1);
+        assert_eq!(
+            (csr.nnz(), csr.row(0).0, csr.row(1).0),
+            (1, &[1u32][..], &[][..])
+        );
+    }
+
+    /// The sparse products against the naive loops on the dense matrix, on every backend and
+    /// row range; on AVX2 bit-for-bit the dense kernel's result (depth ≤ 128, B finite).
+    #[test]
+    fn sparse_products_match_dense() {
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (4, 2000, 100),
+            (100, 130, 100),
+            (7, 65, 5),
+            (5, 17, 129),
+            (3, 8, 0),
+        ] {
+            for zeros in [0.0, 0.62, 1.0] {
+                let (ldb, ldc) = (n + 3, n + 1);
+                let a = sparse_vec(m * k, (m + n + k) as u32, zeros);
+                let b = rand_vec(k.max(1) * ldb, 2);
+                let c0 = rand_vec(m * ldc, 3);
+                for (ars, acs) in [(k, 1), (1, m)] {
+                    let mut want = c0.clone();
+                    gemm_nn_naive(m, n, k, &a, ars, acs, &b, ldb, &mut want, ldc, false);
+                    let mut dense = c0.clone();
+                    gemm_nn_on(
+                        Backend::Avx2,
+                        m,
+                        n,
+                        k,
+                        &a,
+                        ars,
+                        acs,
+                        &b,
+                        ldb,
+                        &mut dense,
+                        ldc,
+                        false,
+                    );
+                    let exact = Backend::Avx2.resolve() == Backend::Avx2 && k <= 128;
+                    let mut csr = Csr::with_capacity(m, k);
+                    csr.gather(m, k, &a, ars, acs);
+                    let mut live = Vec::new();
+                    nonzero_cols(m, k, &a, ars, acs, &mut live);
+                    for be in Backend::ALL {
+                        let what = format!("{m}x{n}x{k}, {zeros} zeros, {be:?}");
+                        let mut got = c0.clone();
+                        gemm_csr_on(be, &csr, 0..m, n, &b, ldb, &mut got, ldc);
+                        close(&got, &want, &format!("csr {what}"));
+                        if exact && be.resolve() != Backend::Portable {
+                            assert!(bits(&got) == bits(&dense), "csr {what}: not the dense bits");
+                        }
+                        // A range of rows lands at C's start.
+                        let (r0, r1) = (m / 3, m - m / 4);
+                        if r1 > r0 {
+                            let mut part = c0.clone();
+                            gemm_csr_on(be, &csr, r0..r1, n, &b, ldb, &mut part, ldc);
+                            for i in 0..r1 - r0 {
+                                assert!(
+                                    part[i * ldc..i * ldc + n]
+                                        == got[(r0 + i) * ldc..(r0 + i) * ldc + n],
+                                    "csr rows {r0}..{r1} {what}: row {i}"
+                                );
+                            }
+                        }
+                        for acc in [false, true] {
+                            let mut want = c0.clone();
+                            gemm_nn_naive(m, n, k, &a, ars, acs, &b, ldb, &mut want, ldc, acc);
+                            let mut got = c0.clone();
+                            gemm_nn_at_on(
+                                be, m, n, &live, &a, ars, acs, &b, ldb, &mut got, ldc, acc,
+                            );
+                            close(&got, &want, &format!("nn_at {what} acc {acc}"));
+                            if exact && !acc && be.resolve() != Backend::Portable {
+                                assert!(
+                                    bits(&got) == bits(&dense),
+                                    "nn_at {what}: not the dense bits"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // Depths that are not A's nonzero columns: exactly those terms are summed.
+        let (m, n, k) = (5, 40, 300);
+        let a = rand_vec(m * k, 21);
+        let b = rand_vec(k * n, 22);
+        let ks: Vec<u32> = (0..k as u32).filter(|p| p % 3 != 1).collect();
+        let masked: Vec<f32> = (0..m * k)
+            .map(|i| if (i % k) % 3 == 1 { 0.0 } else { a[i] })
+            .collect();
+        let mut want = vec![0.0; m * n];
+        gemm_nn_naive(m, n, k, &masked, k, 1, &b, n, &mut want, n, false);
+        for be in Backend::ALL {
+            let mut got = vec![0.0; m * n];
+            gemm_nn_at_on(be, m, n, &ks, &a, k, 1, &b, n, &mut got, n, false);
+            close(&got, &want, &format!("nn_at over chosen depths {be:?}"));
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "needs")]
+    fn sparse_product_out_of_bounds_panics() {
+        let mut csr = Csr::with_capacity(2, 3);
+        csr.gather(2, 3, &[1.0; 6], 3, 1);
+        let mut c = vec![0.0; 8];
+        gemm_csr(&csr, 0..2, 4, &[0.0; 11], 4, &mut c, 4);
     }
 
     #[test]

@@ -60,13 +60,16 @@ fn hsum(v: __m256) -> f32 {
 }
 
 /// One `MR × NV·8` tile of C = A·B; when `MASKED` the last vector holds only the lanes of `last`.
+/// When `IDX` the depth runs over the indices `kidx[0..k]` instead of `0..k`.
 ///
 /// # Safety
-/// AVX2 and FMA present; A rows i < MR at a + i·ars (+ p·acs, p < k), B rows p < k at b + p·ldb
-/// with the tile's columns, and C rows at c + i·ldc, all in bounds for the tile's width.
+/// AVX2 and FMA present; A rows i < MR at a + i·ars (+ p·acs), B rows p at b + p·ldb
+/// with the tile's columns, for p < k (or p = kidx[..k]), and C rows at c + i·ldc, all in
+/// bounds for the tile's width.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn nn_tile<const MR: usize, const NV: usize, const MASKED: bool>(
+unsafe fn nn_tile<const MR: usize, const NV: usize, const MASKED: bool, const IDX: bool>(
+    kidx: *const u32,
     k: usize,
     a: *const f32,
     ars: usize,
@@ -80,10 +83,11 @@ unsafe fn nn_tile<const MR: usize, const NV: usize, const MASKED: bool>(
     pf: bool,
 ) {
     let mut t = [[_mm256_setzero_ps(); NV]; MR];
-    for p in 0..k {
+    for q in 0..k {
         // SAFETY (all pointer arithmetic below): within the tile's bounds, per the contract;
         // masked lanes are not read.
         unsafe {
+            let p = if IDX { *kidx.add(q) as usize } else { q };
             let brow = b.add(p * ldb);
             // The same row of the next column tiles, fetched ahead by the first row tile: B's
             // rows lie `ldb` apart, too many streams for the hardware prefetcher (a hint; it
@@ -132,13 +136,17 @@ unsafe fn nn_tile<const MR: usize, const NV: usize, const MASKED: bool>(
     }
 }
 
+/// `C = A·B` over the depth `0..k`, or over the indices `kidx` when given (then `k` is their
+/// count).
+///
 /// # Safety
-/// AVX2 and FMA present and every index in bounds (see `gemm_nn`).
+/// AVX2 and FMA present and every index in bounds (see `gemm_nn`, `gemm_nn_at`).
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn nn(
     m: usize,
     n: usize,
+    kidx: Option<&[u32]>,
     k: usize,
     a: *const f32,
     ars: usize,
@@ -166,19 +174,34 @@ pub unsafe fn nn(
                 // SAFETY: the tile covers rows i..i+mr < m, columns j..j+w ≤ n and depth
                 // p0..p0+kc ≤ k, all in bounds.
                 unsafe {
-                    let (ap, bp, cp) = (
-                        a.add(i * ars + p0 * acs),
-                        b.add(p0 * ldb + j),
-                        c.add(i * ldc + j),
-                    );
+                    // With indices, the tile reads A and B at the indexed depths from their
+                    // starts; without, at depth p0..p0+kc.
+                    let (ap, bp, cp, ki) = match kidx {
+                        Some(ks) => (
+                            a.add(i * ars),
+                            b.add(j),
+                            c.add(i * ldc + j),
+                            ks[p0..].as_ptr(),
+                        ),
+                        None => (
+                            a.add(i * ars + p0 * acs),
+                            b.add(p0 * ldb + j),
+                            c.add(i * ldc + j),
+                            std::ptr::null(),
+                        ),
+                    };
                     macro_rules! go {
                         ($($mr:literal),*) => {
-                            match (mr, nv, tail == 8) {
+                            match (mr, nv, tail == 8, kidx.is_some()) {
                                 $(
-                                    ($mr, 1, true) => nn_tile::<$mr, 1, false>(kc, ap, ars, acs, bp, ldb, cp, ldc, last, acc, i == 0),
-                                    ($mr, 2, true) => nn_tile::<$mr, 2, false>(kc, ap, ars, acs, bp, ldb, cp, ldc, last, acc, i == 0),
-                                    ($mr, 1, false) => nn_tile::<$mr, 1, true>(kc, ap, ars, acs, bp, ldb, cp, ldc, last, acc, i == 0),
-                                    ($mr, 2, false) => nn_tile::<$mr, 2, true>(kc, ap, ars, acs, bp, ldb, cp, ldc, last, acc, i == 0),
+                                    ($mr, 1, true, false) => nn_tile::<$mr, 1, false, false>(ki, kc, ap, ars, acs, bp, ldb, cp, ldc, last, acc, i == 0),
+                                    ($mr, 2, true, false) => nn_tile::<$mr, 2, false, false>(ki, kc, ap, ars, acs, bp, ldb, cp, ldc, last, acc, i == 0),
+                                    ($mr, 1, false, false) => nn_tile::<$mr, 1, true, false>(ki, kc, ap, ars, acs, bp, ldb, cp, ldc, last, acc, i == 0),
+                                    ($mr, 2, false, false) => nn_tile::<$mr, 2, true, false>(ki, kc, ap, ars, acs, bp, ldb, cp, ldc, last, acc, i == 0),
+                                    ($mr, 1, true, true) => nn_tile::<$mr, 1, false, true>(ki, kc, ap, ars, acs, bp, ldb, cp, ldc, last, acc, i == 0),
+                                    ($mr, 2, true, true) => nn_tile::<$mr, 2, false, true>(ki, kc, ap, ars, acs, bp, ldb, cp, ldc, last, acc, i == 0),
+                                    ($mr, 1, false, true) => nn_tile::<$mr, 1, true, true>(ki, kc, ap, ars, acs, bp, ldb, cp, ldc, last, acc, i == 0),
+                                    ($mr, 2, false, true) => nn_tile::<$mr, 2, true, true>(ki, kc, ap, ars, acs, bp, ldb, cp, ldc, last, acc, i == 0),
                                 )*
                                 _ => unreachable!("tile {mr}×{nv}"),
                             }
@@ -191,6 +214,115 @@ pub unsafe fn nn(
             j += w;
         }
         p0 += kc;
+    }
+}
+
+/// 8-lane vectors of C per `csr` tile: a 64-column panel, whose rows of B (≤ 128 × 256 bytes
+/// for the default net) stay in L1 while every row of A uses them.
+const CSR_NV: usize = 8;
+
+/// One row of `C = A·B` over `NV` vectors of columns, A's row given by its kept entries
+/// `col/val[e0..e1]`; when `MASKED` the last vector holds only the lanes of `last`.
+///
+/// # Safety
+/// AVX2 and FMA present; b + col[e]·ldb + the tile's columns readable for e in e0..e1;
+/// c + the tile's columns writable.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn csr_tile<const NV: usize, const MASKED: bool>(
+    (e0, e1): (usize, usize),
+    col: *const u32,
+    val: *const f32,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    last: __m256i,
+) {
+    let mut t = [_mm256_setzero_ps(); NV];
+    for e in e0..e1 {
+        // SAFETY: per the contract.
+        unsafe {
+            let brow = b.add(*col.add(e) as usize * ldb);
+            let av = _mm256_set1_ps(*val.add(e));
+            for v in 0..NV {
+                let bv = if MASKED && v + 1 == NV {
+                    _mm256_maskload_ps(brow.add(8 * v), last)
+                } else {
+                    _mm256_loadu_ps(brow.add(8 * v))
+                };
+                t[v] = _mm256_fmadd_ps(av, bv, t[v]);
+            }
+        }
+    }
+    for v in 0..NV {
+        // SAFETY: per the contract.
+        unsafe {
+            if MASKED && v + 1 == NV {
+                _mm256_maskstore_ps(c.add(8 * v), last, t[v]);
+            } else {
+                _mm256_storeu_ps(c.add(8 * v), t[v]);
+            }
+        }
+    }
+}
+
+/// `C (m×n) = A·B`, A sparse by rows (`ptr[i]..ptr[i+1]` index `col`/`val`), B row-major:
+/// column panels of `CSR_NV` vectors, every row of A per panel; while one panel runs, the
+/// `used` rows of B are fetched for the next (rows 8 KB apart for the default net: more
+/// streams than the hardware prefetcher follows).
+///
+/// # Safety
+/// AVX2 and FMA present; ptr holds m + 1 increasing offsets into col/val; b + col[e]·ldb + j
+/// and b + used[u]·ldb + j readable for j < n; c + i·ldc + j writable for i < m, j < n.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn csr(
+    m: usize,
+    n: usize,
+    ptr: *const usize,
+    col: *const u32,
+    val: *const f32,
+    b: *const f32,
+    ldb: usize,
+    used: &[u32],
+    c: *mut f32,
+    ldc: usize,
+) {
+    let mut j = 0;
+    while j < n {
+        let w = (n - j).min(CSR_NV * 8);
+        let nv = w.div_ceil(8);
+        let tail = w - 8 * (nv - 1);
+        let last = mask(tail);
+        if j + w < n {
+            for &p in used {
+                let next = b.wrapping_add(p as usize * ldb + j + w);
+                for l in 0..(n - j - w).min(CSR_NV * 8).div_ceil(16) {
+                    // A hint: it never faults, so the address need not be in bounds.
+                    _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(16 * l) as *const i8);
+                }
+            }
+        }
+        for i in 0..m {
+            // SAFETY: per the contract (row i < m, columns j..j+w ≤ n).
+            unsafe {
+                let es = (*ptr.add(i), *ptr.add(i + 1));
+                let (bp, cp) = (b.add(j), c.add(i * ldc + j));
+                macro_rules! go {
+                    ($($nv:literal),*) => {
+                        match (nv, tail == 8) {
+                            $(
+                                ($nv, true) => csr_tile::<$nv, false>(es, col, val, bp, ldb, cp, last),
+                                ($nv, false) => csr_tile::<$nv, true>(es, col, val, bp, ldb, cp, last),
+                            )*
+                            _ => unreachable!("tile {nv}"),
+                        }
+                    };
+                }
+                go!(1, 2, 3, 4, 5, 6, 7, 8);
+            }
+        }
+        j += w;
     }
 }
 
