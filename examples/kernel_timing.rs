@@ -171,4 +171,9 @@ fn main() {
         2.0 * nnz * 64.0,
         || gemm_csr(&csr, 0..25, 64, &y2, 64, &mut dw1, 2000),
     );
+    time(
+        "csr gather of dv1ᵀ, 100x100 (GFLOP/s meaningless)",
+        1.0,
+        || csr.gather(100, b, &dv1s, 1, 100),
+    );
 }

@@ -486,15 +486,16 @@ pub fn gemm_nn_at_on(
     }
 }
 
-/// A sparse matrix stored by rows (compressed sparse rows): row `i`'s nonzeros are
-/// `val[ptr[i]..ptr[i + 1]]`, at the increasing columns `col[ptr[i]..ptr[i + 1]]`. Built from a
-/// dense matrix by [`Csr::gather`], which leaves out the exact zeros; the buffers are kept, so
-/// rebuilding a matrix of at most the reserved size allocates nothing.
+/// A sparse matrix stored by rows: row `i`'s nonzeros are `val[i·s..end[i]]`, at the
+/// increasing columns `col[i·s..end[i]]`, with the row stride `s = cols + 1` (one spare slot
+/// per row lets [`Csr::gather`] write every entry and keep only the nonzeros, without a
+/// branch). Built from a dense matrix by `gather`, which leaves out the exact zeros; the
+/// buffers are kept, so rebuilding a matrix of at most the reserved size allocates nothing.
 #[derive(Clone, Debug, Default)]
 pub struct Csr {
     rows: usize,
     cols: usize,
-    ptr: Vec<usize>,
+    end: Vec<usize>,
     col: Vec<u32>,
     val: Vec<f32>,
     /// The columns that some row uses, increasing (the rows of B a product reads).
@@ -508,17 +509,23 @@ impl Csr {
         Csr {
             rows: 0,
             cols: 0,
-            ptr: Vec::with_capacity(rows + 1),
-            col: Vec::with_capacity(rows * cols),
-            val: Vec::with_capacity(rows * cols),
+            end: Vec::with_capacity(rows),
+            col: Vec::with_capacity(rows * (cols + 1)),
+            val: Vec::with_capacity(rows * (cols + 1)),
             used: Vec::with_capacity(cols),
             seen: Vec::with_capacity(cols),
         }
     }
 
+    /// Floats between the starts of two rows.
+    fn stride(&self) -> usize {
+        self.cols + 1
+    }
+
     /// Becomes the `m × k` matrix at `a[i·ars + p·acs]` without its exact zeros (`±0`; NaN is
     /// kept). In a product `Σ_p a_ip·b_pj` a left-out term adds `±0`, which changes no sum when
-    /// B is finite.
+    /// B is finite. Reads `a` in memory order: by rows when `acs ≤ ars`, else by columns
+    /// (each entry then lands at the end of its row).
     ///
     /// # Panics
     /// If the matrix reaches outside `a`, or `k` does not fit in `u32`.
@@ -533,27 +540,39 @@ impl Csr {
             );
         }
         (self.rows, self.cols) = (m, k);
-        self.ptr.clear();
-        self.ptr.push(0);
-        self.col.resize(m * k, 0);
-        self.val.resize(m * k, 0.0);
+        let s = self.stride();
+        self.col.resize(m * s, 0);
+        self.val.resize(m * s, 0.0);
+        self.end.clear();
+        self.end.extend((0..m).map(|i| i * s));
         self.seen.clear();
         self.seen.resize(k, false);
-        let mut e = 0;
-        for i in 0..m {
-            for p in 0..k {
-                // Written always, kept (e advances) only when nonzero: no branch to mispredict.
-                let v = a[i * ars + p * acs];
-                self.col[e] = p as u32;
-                self.val[e] = v;
-                let keep = v != 0.0;
-                self.seen[p] |= keep;
-                e += usize::from(keep);
+        // Each entry is written at its row's end, which moves on only for a nonzero: no branch
+        // to mispredict. A row has k + 1 slots, so the write after its last kept entry fits.
+        let (end, col, val) = (&mut self.end[..], &mut self.col[..], &mut self.val[..]);
+        if acs <= ars {
+            for (i, e) in end.iter_mut().enumerate() {
+                for p in 0..k {
+                    let v = a[i * ars + p * acs];
+                    (col[*e], val[*e]) = (p as u32, v);
+                    let keep = v != 0.0;
+                    self.seen[p] |= keep;
+                    *e += usize::from(keep);
+                }
             }
-            self.ptr.push(e);
+        } else {
+            for p in 0..k {
+                let mut any = false;
+                for (i, e) in end.iter_mut().enumerate() {
+                    let v = a[i * ars + p * acs];
+                    (col[*e], val[*e]) = (p as u32, v);
+                    let keep = v != 0.0;
+                    any |= keep;
+                    *e += usize::from(keep);
+                }
+                self.seen[p] = any;
+            }
         }
-        self.col.truncate(e);
-        self.val.truncate(e);
         self.used.clear();
         self.used
             .extend((0..k as u32).filter(|&p| self.seen[p as usize]));
@@ -571,12 +590,14 @@ impl Csr {
 
     /// Entries kept.
     pub fn nnz(&self) -> usize {
-        self.val.len()
+        (0..self.rows)
+            .map(|i| self.end[i] - i * self.stride())
+            .sum()
     }
 
     /// Row `i` as (columns, values).
     pub fn row(&self, i: usize) -> (&[u32], &[f32]) {
-        let r = self.ptr[i]..self.ptr[i + 1];
+        let r = i * self.stride()..self.end[i];
         (&self.col[r.clone()], &self.val[r])
     }
 }
@@ -641,19 +662,19 @@ pub fn gemm_csr_on(
             b.len()
         );
     }
-    let ptr = &a.ptr[rows.start..=rows.end];
+    let stride = a.stride();
     #[cfg(target_arch = "x86_64")]
     if matches!(be.resolve(), Backend::Avx512 | Backend::Avx2) && has_avx2_fma() {
         // SAFETY: AVX2 and FMA were detected. `gather` made every column index < a.cols, and
         // B holds (a.cols − 1)·ldb + n floats (asserted), so every read b[p·ldb + j], j < n,
-        // is in bounds; `ptr` are offsets into col/val (built together, ptr increasing); the
-        // `used` rows are columns < a.cols too; C holds (m − 1)·ldc + n floats with ldc ≥ n, an
-        // exclusive borrow.
+        // is in bounds; row r's entries lie at r·stride .. end[r] ≤ (r + 1)·stride of col/val
+        // (built together, r < a.rows); the `used` rows are columns < a.cols too; C holds
+        // (m − 1)·ldc + n floats with ldc ≥ n, an exclusive borrow.
         unsafe {
             avx2::csr(
                 m,
                 n,
-                ptr.as_ptr(),
+                (a.end[rows.start..].as_ptr(), rows.start * stride, stride),
                 a.col.as_ptr(),
                 a.val.as_ptr(),
                 b.as_ptr(),
@@ -669,8 +690,8 @@ pub fn gemm_csr_on(
     for i in 0..m {
         let out = &mut c[i * ldc..i * ldc + n];
         out.fill(0.0);
-        let r = ptr[i]..ptr[i + 1];
-        for (&p, &v) in a.col[r.clone()].iter().zip(&a.val[r]) {
+        let (cols, vals) = a.row(rows.start + i);
+        for (&p, &v) in cols.iter().zip(vals) {
             let brow = &b[p as usize * ldb..p as usize * ldb + n];
             out.iter_mut().zip(brow).for_each(|(o, &x)| *o += v * x);
         }

@@ -266,20 +266,21 @@ unsafe fn csr_tile<const NV: usize, const MASKED: bool>(
     }
 }
 
-/// `C (m×n) = A·B`, A sparse by rows (`ptr[i]..ptr[i+1]` index `col`/`val`), B row-major:
+/// `C (m×n) = A·B`, A sparse by rows (row i's entries at `first + i·stride .. ends[i]` of
+/// `col`/`val`), B row-major:
 /// column panels of `CSR_NV` vectors, every row of A per panel; while one panel runs, the
 /// `used` rows of B are fetched for the next (rows 8 KB apart for the default net: more
 /// streams than the hardware prefetcher follows).
 ///
 /// # Safety
-/// AVX2 and FMA present; ptr holds m + 1 increasing offsets into col/val; b + col[e]·ldb + j
+/// AVX2 and FMA present; ends holds m offsets into col/val, each ≥ its row's start; b + col[e]·ldb + j
 /// and b + used[u]·ldb + j readable for j < n; c + i·ldc + j writable for i < m, j < n.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn csr(
     m: usize,
     n: usize,
-    ptr: *const usize,
+    (ends, first, stride): (*const usize, usize, usize),
     col: *const u32,
     val: *const f32,
     b: *const f32,
@@ -306,7 +307,7 @@ pub unsafe fn csr(
         for i in 0..m {
             // SAFETY: per the contract (row i < m, columns j..j+w ≤ n).
             unsafe {
-                let es = (*ptr.add(i), *ptr.add(i + 1));
+                let es = (first + i * stride, *ends.add(i));
                 let (bp, cp) = (b.add(j), c.add(i * ldc + j));
                 macro_rules! go {
                     ($($nv:literal),*) => {
