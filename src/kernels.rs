@@ -698,6 +698,56 @@ pub fn gemm_csr_on(
     }
 }
 
+/// A zeroed `f32` buffer whose first element sits on a 64-byte boundary: one cache line, one
+/// AVX-512 vector. The conv kernels read maps and slots in vectors of 16 at multiples of 16
+/// floats from the start, so on an aligned buffer those loads never straddle two lines (a
+/// `Vec` of this size comes from `mmap` 16 bytes past a line). On the AVX-512 machine the
+/// kernel gradient of a chunk ran 18 % faster with its maps aligned (36.4 against 43.0 µs).
+/// Safe code: a `Vec` with 15 spare floats, used from its first aligned element.
+#[derive(Debug)]
+pub struct Aligned {
+    buf: Vec<f32>,
+    start: usize,
+    len: usize,
+}
+
+impl Aligned {
+    /// Bytes of the alignment.
+    pub const ALIGN: usize = 64;
+
+    /// `len` zeros, aligned.
+    pub fn zeroed(len: usize) -> Self {
+        let spare = Self::ALIGN / std::mem::size_of::<f32>() - 1;
+        let buf = vec![0.0f32; len + spare];
+        // An f32's address is a multiple of 4, so some start within `spare` floats is aligned.
+        let start = buf.as_ptr().align_offset(Self::ALIGN).min(spare);
+        Aligned { buf, start, len }
+    }
+}
+
+impl Clone for Aligned {
+    /// A new buffer (aligned afresh: its offset into its own `Vec` may differ) with the same
+    /// contents.
+    fn clone(&self) -> Self {
+        let mut c = Aligned::zeroed(self.len);
+        c.copy_from_slice(self);
+        c
+    }
+}
+
+impl std::ops::Deref for Aligned {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.buf[self.start..self.start + self.len]
+    }
+}
+
+impl std::ops::DerefMut for Aligned {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.buf[self.start..self.start + self.len]
+    }
+}
+
 /// Most taps the SIMD conv kernels take (16×16); larger kernels use the plain loops.
 const MAX_TAPS: usize = 256;
 
@@ -2623,6 +2673,22 @@ mod tests {
         csr.gather(2, 3, &[1.0; 6], 3, 1);
         let mut c = vec![0.0; 8];
         gemm_csr(&csr, 0..2, 4, &[0.0; 11], 4, &mut c, 4);
+    }
+
+    #[test]
+    fn aligned_buffers_start_on_a_line_and_clone_whole() {
+        for len in [0, 1, 15, 16, 17, 1000, 32_000, 40_000] {
+            let mut a = Aligned::zeroed(len);
+            assert_eq!(a.len(), len);
+            assert_eq!(a.as_ptr() as usize % Aligned::ALIGN, 0, "len {len}");
+            assert!(a.iter().all(|&v| v == 0.0));
+            for (i, v) in a.iter_mut().enumerate() {
+                *v = i as f32;
+            }
+            let b = a.clone();
+            assert_eq!(b.as_ptr() as usize % Aligned::ALIGN, 0);
+            assert_eq!(&b[..], &a[..]);
+        }
     }
 
     #[test]
