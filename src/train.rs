@@ -6,7 +6,7 @@
 use crate::checkpoint::Model;
 use crate::config::NetConfig;
 use crate::error::{Error, Result};
-use crate::fast::{self, Workspace};
+use crate::fast::{self, Sgd, Workspace};
 use crate::mnist::Dataset;
 use crate::params::{Grads, Init, Params};
 use rand::{Rng, SeedableRng};
@@ -374,9 +374,19 @@ pub fn train_from(
                 } else {
                     (&train.images[..], &train.labels[..], ids)
                 };
-                let st = fast::forward_backward(
+                let global = (epoch - 1) * steps_per_epoch + s;
+                lr = tc.lr_at(global, total_steps);
+                let opt = Sgd {
+                    lr,
+                    momentum: tc.momentum,
+                    weight_decay: tc.weight_decay,
+                };
+                // A batch whose loss is not finite leaves the weights as they were.
+                let st = fast::train_step(
                     cfg,
-                    &state.params,
+                    &mut state.params,
+                    &mut state.mom,
+                    opt,
                     images,
                     labels,
                     bids,
@@ -390,16 +400,6 @@ pub fn train_from(
                         what: format!("the loss became {}", st.loss_sum),
                     });
                 }
-                let global = (epoch - 1) * steps_per_epoch + s;
-                lr = tc.lr_at(global, total_steps);
-                sgd_step(
-                    &mut state.params,
-                    &grads,
-                    &mut state.mom,
-                    lr,
-                    tc.momentum,
-                    tc.weight_decay,
-                );
                 state.step = s + 1;
                 state.loss_sum += st.loss_sum;
                 state.correct += st.correct;
@@ -453,53 +453,6 @@ pub fn train_from(
         }
         Ok(state.history.clone())
     })
-}
-
-/// `m = α·(∂J + λW) + β·m; W = W − m` for every tensor (λ only on weights, not biases).
-pub fn sgd_step(
-    p: &mut Params<f32>,
-    g: &Grads<f32>,
-    m: &mut Grads<f32>,
-    lr: f32,
-    beta: f32,
-    wd: f32,
-) {
-    // One parallel pass over blocks of every tensor; element-wise, so the split changes nothing.
-    let Params {
-        k,
-        bk,
-        w_m1,
-        b_m1,
-        w,
-        b,
-    } = p;
-    let Params {
-        k: mk,
-        bk: mbk,
-        w_m1: mw1,
-        b_m1: mb1,
-        w: mw,
-        b: mb,
-    } = m;
-    let work = [
-        (k, &g.k, mk, wd),
-        (bk, &g.bk, mbk, 0.0),
-        (w_m1, &g.w_m1, mw1, wd),
-        (b_m1, &g.b_m1, mb1, 0.0),
-        (w, &g.w, mw, wd),
-        (b, &g.b, mb, 0.0),
-    ];
-    work.into_par_iter().for_each(|(w, gt, mt, decay)| {
-        w.par_chunks_mut(16384)
-            .zip(gt.par_chunks(16384))
-            .zip(mt.par_chunks_mut(16384))
-            .for_each(|((w, gt), mt)| {
-                for ((w, &g), m) in w.iter_mut().zip(gt).zip(mt.iter_mut()) {
-                    *m = lr * (g + decay * *w) + beta * *m;
-                    *w -= *m;
-                }
-            });
-    });
 }
 
 fn first_non_finite(p: &Params<f32>) -> Option<&'static str> {

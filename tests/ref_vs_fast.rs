@@ -111,6 +111,77 @@ fn gradients_are_bit_identical_for_any_thread_count() {
     assert_eq!(one, run(3));
 }
 
+/// The fused training step (`w⁽⁻¹⁾` updated inside its gradient tasks) gives the bits of
+/// `forward_backward` followed by the optimiser on each tensor, for any thread count, with
+/// and without biases, over three steps (so the momenta are not zero).
+#[test]
+fn fused_training_step_is_forward_backward_then_sgd() {
+    let data = embedded::train();
+    let opt = fast::Sgd {
+        lr: 0.05,
+        momentum: 0.9,
+        weight_decay: 5e-4,
+    };
+    for bias in [false, true] {
+        let cfg = NetConfig {
+            bias,
+            ..NetConfig::default()
+        };
+        for b in [7, 100] {
+            let idx: Vec<usize> = (0..b).map(|i| (i * 13 + 5) % data.len()).collect();
+            // Unfused: gradients, then every tensor's update in turn.
+            let (mut p0, mut m0) = (common::params(&cfg, 3), Grads::<f32>::zeros(&cfg));
+            let mut ws = Workspace::new(&cfg, b);
+            let mut g = Grads::<f32>::zeros(&cfg);
+            for _ in 0..3 {
+                fast::forward_backward(
+                    &cfg,
+                    &p0,
+                    &data.images,
+                    &data.labels,
+                    &idx,
+                    &mut ws,
+                    &mut g,
+                );
+                let tensors = p0.tensors_mut().into_iter().zip(m0.tensors_mut());
+                for (((name, w), (_, m)), (_, gt)) in tensors.zip(g.tensors()) {
+                    let decay = if name.ends_with("weight") {
+                        opt.weight_decay
+                    } else {
+                        0.0
+                    };
+                    opt.apply(w, gt, m, decay);
+                }
+            }
+            for threads in [1, 2, 3] {
+                let (p, m) = common::in_pool(threads, || {
+                    let (mut p, mut m) = (common::params(&cfg, 3), Grads::<f32>::zeros(&cfg));
+                    let mut ws = Workspace::new(&cfg, b);
+                    let mut g = Grads::<f32>::zeros(&cfg);
+                    for _ in 0..3 {
+                        fast::train_step(
+                            &cfg,
+                            &mut p,
+                            &mut m,
+                            opt,
+                            &data.images,
+                            &data.labels,
+                            &idx,
+                            &mut ws,
+                            &mut g,
+                        );
+                    }
+                    (p, m)
+                });
+                assert!(
+                    p == p0 && m == m0,
+                    "bias {bias}, batch {b}, {threads} threads"
+                );
+            }
+        }
+    }
+}
+
 /// The forward-only path (inference, `forward_batch`) against the reference's probabilities,
 /// losses and predictions, for every activation and pooling and batch sizes from 1 to 257, and
 /// bit-identical for any thread count.
