@@ -951,14 +951,35 @@ impl Ink {
 
 /// The shares of the conv's and of its kernel gradient's multiply-adds (`wq` positions × `ks²`
 /// taps per map) that backend `be` skips as exact zeros for `slot`, whose ink is `ink`:
-/// (forward, kernel gradient). Only the AVX2 kernels skip; on the others both are 0.
+/// (forward, kernel gradient). The AVX2 kernels skip by tap-group masks and block pairs, the
+/// AVX-512 ones by the ink's rows alone (per tile of `avx512::CONV_NV` vectors and per tap
+/// tile); the plain loops skip nothing (both 0).
 ///
 /// # Panics
 /// If `slot` is shorter than [`Wide::slot`].
 pub fn skipped_share(be: Backend, w: Wide, slot: &[f32], ink: Ink) -> (f64, f64) {
     let slot = &slot[..w.slot()];
+    let (kk, wq, conv, ks) = (w.ks * w.ks, w.wq(), w.conv(), w.ks);
     #[cfg(target_arch = "x86_64")]
-    if be.resolve() == Backend::Avx2 && w.ks * w.ks <= MAX_TAPS {
+    if be.resolve() == Backend::Avx512 && kk <= MAX_TAPS {
+        // The tiles of `avx512::conv_fwd` and `avx512::conv_dk`, and the taps each skips.
+        let (mut fwd, mut dk) = (0, 0);
+        let nvt = wq / 16;
+        for v0 in (0..nvt).step_by(avx512::CONV_NV) {
+            let nv = (nvt - v0).min(avx512::CONV_NV);
+            let (ilo, ihi) = ink.tap_rows(16 * v0, 16 * nv, conv, ks);
+            fwd += (kk - (ihi - ilo) * ks) * 16 * nv;
+        }
+        for p in (0..kk).step_by(avx512::DK_NR) {
+            let nr = (kk - p).min(avx512::DK_NR);
+            let (a, b) = ink.span(p / ks, (p + nr - 1) / ks, conv, wq, 16);
+            dk += (wq - (b - a)) * nr;
+        }
+        let all = (kk * wq) as f64;
+        return (fwd as f64 / all, dk as f64 / all);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if be.resolve() == Backend::Avx2 && kk <= MAX_TAPS {
         let offs = w.offsets();
         // SAFETY: `resolve` detected AVX2; every tap's reads `off(p) + q`, q < wq, lie in the
         // slot (the definition of `slot`), whose length was checked above.
@@ -1047,11 +1068,23 @@ pub fn conv_wide_fused_on(
             // is < e·xs + xs by the definition of `slot` and within x by the assertion. Writes:
             // out[(e·n_k + n)·wq + q], q < wq, within out. wq is a multiple of 16 (and of 8).
             unsafe {
+                let ink = inks.map_or_else(|| w.ink(&x[e * xs..(e + 1) * xs]), |v| v[e]);
+                let shape = (w.conv(), w.ks);
                 if be == Backend::Avx512 {
-                    avx512::conv_fwd(n_k, kk, k.as_ptr(), bias, relu, xp, offs, wq, op)
+                    avx512::conv_fwd(
+                        n_k,
+                        kk,
+                        k.as_ptr(),
+                        bias,
+                        relu,
+                        xp,
+                        offs,
+                        ink,
+                        shape,
+                        wq,
+                        op,
+                    )
                 } else {
-                    let ink = inks.map_or_else(|| w.ink(&x[e * xs..(e + 1) * xs]), |v| v[e]);
-                    let shape = (w.conv(), w.ks);
                     avx2::conv_fwd(
                         n_k,
                         kk,
@@ -1147,11 +1180,11 @@ pub fn conv_wide_dk_on(
         // all within the slices (assertions above and the definition of `slot`); writes
         // dk[n·kk + p], within dk.
         unsafe {
+            let ink = |e: usize| inks.map_or_else(|| w.ink(&x[e * xs..(e + 1) * xs]), |v| v[e]);
+            let shape = (w.conv(), w.ks);
             if be == Backend::Avx512 {
-                avx512::conv_dk(n_k, kk, dzp, xp, xs, m, offs, wq, dkp)
+                avx512::conv_dk(n_k, kk, dzp, xp, xs, m, offs, &ink, shape, wq, dkp)
             } else {
-                let ink = |e: usize| inks.map_or_else(|| w.ink(&x[e * xs..(e + 1) * xs]), |v| v[e]);
-                let shape = (w.conv(), w.ks);
                 avx2::conv_dk(n_k, kk, dzp, xp, xs, m, offs, &ink, shape, wq, dkp)
             }
         };
@@ -1437,6 +1470,11 @@ mod avx512 {
     const NN_KC: usize = 128;
     /// Rows of A and of B per `nt` tile: 4×4 = 16 dot products at once.
     const NT_MR: usize = 4;
+    /// 16-lane vectors of positions per conv tile (5 rows of 5 kernels: 25 accumulators).
+    pub(super) const CONV_NV: usize = 5;
+    /// Maps and taps per kernel-gradient tile.
+    pub(super) const DK_MR: usize = 5;
+    pub(super) const DK_NR: usize = 4;
     const NT_NR: usize = 4;
 
     /// Lanes `0..w` of a 16-lane vector.
@@ -1615,9 +1653,12 @@ mod avx512 {
         }
     }
 
+    /// The taps of a tile run over the tap rows whose reads may be nonzero (`ink`, for `shape`
+    /// = (conv, ks), tap `p = i·ks + j` at offset `off[p]`); the others would add exact zeros.
+    ///
     /// # Safety
     /// AVX-512F present; `k` (n_k, kk), `x` readable at every q + off[p] (q < wq), `out` (n_k, wq)
-    /// writable; wq a multiple of 16.
+    /// writable; wq a multiple of 16; kk = ks².
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn conv_fwd(
@@ -1628,13 +1669,18 @@ mod avx512 {
         relu: bool,
         x: *const f32,
         offs: &[usize],
+        ink: super::Ink,
+        (conv, ks): (usize, usize),
         wq: usize,
         out: *mut f32,
     ) {
         let nvt = wq / 16;
         let mut v0 = 0;
         while v0 < nvt {
-            let nv = (nvt - v0).min(5);
+            let nv = (nvt - v0).min(CONV_NV);
+            let (ilo, ihi) = ink.tap_rows(16 * v0, 16 * nv, conv, ks);
+            let (plo, phi) = (ilo * ks, ihi * ks);
+            let offs = &offs[plo..phi];
             let mut i = 0;
             while i < n_k {
                 // 5×5 = 25 accumulators of 32 registers: five rows fit 20 kernels exactly, and
@@ -1642,7 +1688,11 @@ mod avx512 {
                 let mr = (n_k - i).min(5);
                 // SAFETY: rows i..i+mr < n_k, positions 16·v0 .. 16·(v0+nv) ≤ wq.
                 unsafe {
-                    let (kp, xp, op) = (k.add(i * kk), x.add(16 * v0), out.add(i * wq + 16 * v0));
+                    let (kp, xp, op) = (
+                        k.add(i * kk + plo),
+                        x.add(16 * v0),
+                        out.add(i * wq + 16 * v0),
+                    );
                     let bias = if bias.is_empty() {
                         bias
                     } else {
@@ -1671,11 +1721,13 @@ mod avx512 {
     }
 
     /// One `MR × NR` tile of the kernel gradient: MR maps of dz against NR shifted copies of x,
-    /// summed over all m images and wq positions, reduced across lanes once at the end.
+    /// summed over all m images and, per image e, the positions `spans[e]` (outside which every
+    /// product of the tile is an exact zero), reduced across lanes once at the end.
     ///
     /// # Safety
     /// AVX-512F present; dz rows (e·n_k + i)·wq .. +wq and x at e·xs + off[p] .. +wq readable for
-    /// e < m, i < MR, p in the tile; dk + i·kk + p writable.
+    /// e < m, i < MR, p in the tile; dk + i·kk + p writable; each span within 0..wq in
+    /// multiples of 16.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn dk_tile<const MR: usize, const NR: usize>(
@@ -1687,13 +1739,23 @@ mod avx512 {
         m: usize,
         offs: &[usize],
         wq: usize,
+        spans: &[(usize, usize)],
         dk: *mut f32,
         add: bool,
     ) {
         let mut acc = [[_mm512_setzero_ps(); NR]; MR];
-        for e in 0..m {
+        for (e, &span) in spans.iter().enumerate().take(m) {
             // SAFETY: per the contract.
-            unsafe { dk_image::<MR, NR>(dz.add(e * n_k * wq), x.add(e * xs), offs, wq, &mut acc) };
+            unsafe {
+                dk_image::<MR, NR>(
+                    dz.add(e * n_k * wq),
+                    x.add(e * xs),
+                    offs,
+                    wq,
+                    span,
+                    &mut acc,
+                )
+            };
         }
         for i in 0..MR {
             for j in 0..NR {
@@ -1711,10 +1773,11 @@ mod avx512 {
     }
 
     /// One image's share of a `dk_tile`: the accumulators come in and go out through memory
-    /// once per image, and live in registers over the image's `wq` positions.
+    /// once per image, and live in registers over the image's positions `q0..q1`.
     ///
     /// # Safety
-    /// AVX-512F present; dz rows i·wq .. +wq (i < MR) and x + offs[j] .. +wq (j < NR) readable.
+    /// AVX-512F present; dz rows i·wq .. +wq (i < MR) and x + offs[j] .. +wq (j < NR) readable;
+    /// q0 ≤ q1 ≤ wq, multiples of 16.
     #[target_feature(enable = "avx512f")]
     #[inline(never)]
     unsafe fn dk_image<const MR: usize, const NR: usize>(
@@ -1722,16 +1785,18 @@ mod avx512 {
         x: *const f32,
         offs: &[usize],
         wq: usize,
+        (q0, q1): (usize, usize),
         acc: &mut [[__m512; NR]; MR],
     ) {
+        debug_assert!(q0 <= q1 && q1 <= wq && q0 % 16 == 0 && q1 % 16 == 0);
         let mut t = *acc;
         let mut xp = [x; NR];
         for j in 0..NR {
             // SAFETY: per the contract.
             xp[j] = unsafe { x.add(offs[j]) };
         }
-        let mut q = 0;
-        while q < wq {
+        let mut q = q0;
+        while q < q1 {
             // SAFETY: per the contract.
             unsafe {
                 let mut xv = [_mm512_setzero_ps(); NR];
@@ -1750,8 +1815,11 @@ mod avx512 {
         *acc = t;
     }
 
+    /// Each image's positions run over the span where the tile's taps may read a nonzero
+    /// (`ink(e)` for image e, `shape` = (conv, ks), tap `p = i·ks + j`).
+    ///
     /// # Safety
-    /// As `dk_tile`, for all n < n_k and p < kk; wq a multiple of 16.
+    /// As `dk_tile`, for all n < n_k and p < kk; wq a multiple of 16; kk = ks².
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn conv_dk(
@@ -1762,6 +1830,8 @@ mod avx512 {
         xs: usize,
         m: usize,
         offs: &[usize],
+        ink: &dyn Fn(usize) -> super::Ink,
+        (conv, ks): (usize, usize),
         wq: usize,
         dk: *mut f32,
     ) {
@@ -1775,23 +1845,33 @@ mod avx512 {
                 unsafe { x.add(e * xs) },
                 e > 0,
             );
+            let mut inks = [ink(e); DK_IMAGES];
+            for (d, v) in inks.iter_mut().enumerate().take(me).skip(1) {
+                *v = ink(e + d);
+            }
             let mut i = 0;
             while i < n_k {
-                let mr = (n_k - i).min(5);
+                let mr = (n_k - i).min(DK_MR);
                 let mut p = 0;
                 while p < kk {
-                    let nr = (kk - p).min(4);
-                    // SAFETY: maps i..i+mr < n_k and taps p..p+nr ≤ kk of images e..e+me are in bounds.
+                    let nr = (kk - p).min(DK_NR);
+                    let mut spans = [(0, 0); DK_IMAGES];
+                    for (sp, ink) in spans.iter_mut().zip(&inks).take(me) {
+                        *sp = ink.span(p / ks, (p + nr - 1) / ks, conv, wq, 16);
+                    }
+                    let spans = &spans[..me];
+                    // SAFETY: maps i..i+mr < n_k and taps p..p+nr ≤ kk of images e..e+me are in
+                    // bounds; each span lies within 0..wq in multiples of 16.
                     unsafe {
                         let (dzp, dkp, o) = (dz.add(i * wq), dk.add(i * kk + p), &offs[p..p + nr]);
                         macro_rules! go {
                             ($($mr:literal),*) => {
                                 match (mr, nr) {
                                     $(
-                                        ($mr, 1) => dk_tile::<$mr, 1>(n_k, kk, dzp, x, xs, me, o, wq, dkp, add),
-                                        ($mr, 2) => dk_tile::<$mr, 2>(n_k, kk, dzp, x, xs, me, o, wq, dkp, add),
-                                        ($mr, 3) => dk_tile::<$mr, 3>(n_k, kk, dzp, x, xs, me, o, wq, dkp, add),
-                                        ($mr, 4) => dk_tile::<$mr, 4>(n_k, kk, dzp, x, xs, me, o, wq, dkp, add),
+                                        ($mr, 1) => dk_tile::<$mr, 1>(n_k, kk, dzp, x, xs, me, o, wq, spans, dkp, add),
+                                        ($mr, 2) => dk_tile::<$mr, 2>(n_k, kk, dzp, x, xs, me, o, wq, spans, dkp, add),
+                                        ($mr, 3) => dk_tile::<$mr, 3>(n_k, kk, dzp, x, xs, me, o, wq, spans, dkp, add),
+                                        ($mr, 4) => dk_tile::<$mr, 4>(n_k, kk, dzp, x, xs, me, o, wq, spans, dkp, add),
                                     )*
                                     _ => unreachable!("tile {mr}×{nr}"),
                                 }
@@ -2164,7 +2244,8 @@ mod tests {
                     let ink = Ink { lo, hi };
                     let nonzero = |t: usize| lo <= t && t < hi;
                     for q0 in (0..wq).step_by(8) {
-                        for len in [8, 16] {
+                        // AVX2 tiles are 8 or 16 positions, AVX-512 ones 16 to 80.
+                        for len in [8, 16, 32, 80].into_iter().filter(|l| q0 + l <= wq) {
                             let (ilo, ihi) = ink.tap_rows(q0, len, conv, ks);
                             assert!(ilo <= ihi && ihi <= ks);
                             for i in 0..ks {
@@ -2178,14 +2259,16 @@ mod tests {
                     }
                     for imin in 0..ks {
                         for imax in imin..ks {
-                            let (a, b) = ink.span(imin, imax, conv, wq, 8);
-                            assert!(a <= b && b <= wq && a % 8 == 0 && b % 8 == 0);
-                            for q in 0..wq {
-                                let read = (imin..=imax).any(|i| nonzero(q + i * conv));
-                                assert!(
-                                    !read || (a..b).contains(&q),
-                                    "{ink:?} rows {imin}..={imax} q {q}"
-                                );
+                            for step in [8, 16] {
+                                let (a, b) = ink.span(imin, imax, conv, wq, step);
+                                assert!(a <= b && b <= wq && a % step == 0 && b % step == 0);
+                                for q in 0..wq {
+                                    let read = (imin..=imax).any(|i| nonzero(q + i * conv));
+                                    assert!(
+                                        !read || (a..b).contains(&q),
+                                        "{ink:?} rows {imin}..={imax} q {q} step {step}"
+                                    );
+                                }
                             }
                         }
                     }
@@ -2243,6 +2326,32 @@ mod tests {
                     "{d} vs {}",
                     share(&blocks)
                 );
+            } else if be.resolve() == Backend::Avx512 {
+                assert_eq!(skipped_share(be, w, &blank_slot, blank), (1.0, 1.0));
+                // Forward: tiles of 80 positions (4 map rows), all taps of a tap row skipped
+                // when none of its reads in the tile is inked. Gradient: tiles of 4 taps (one
+                // or two tap rows), blocks of 16 positions none of whose reads is inked.
+                let inked = |q: usize, i: usize| (10..18).contains(&(q / 20 + i));
+                let fwd: usize = (0..5)
+                    .map(|t| {
+                        let blank = |i: &usize| !(80 * t..80 * t + 80).any(|q| inked(q, *i));
+                        80 * 9 * (0..9).filter(blank).count()
+                    })
+                    .sum();
+                let dk: usize = (0..81)
+                    .step_by(4)
+                    .map(|p| {
+                        let nr = (81 - p).min(4);
+                        let rows = p / 9..=(p + nr - 1) / 9;
+                        let blank = |b: &usize| {
+                            !(16 * b..16 * b + 16).any(|q| rows.clone().any(|i| inked(q, i)))
+                        };
+                        nr * 16 * (0..25).filter(blank).count()
+                    })
+                    .sum();
+                let all = (400 * 81) as f64;
+                assert_eq!((f, d), (fwd as f64 / all, dk as f64 / all));
+                assert!(f > 0.0 && d > f, "{f} {d}");
             } else {
                 assert_eq!((f, d), (0.0, 0.0), "{be:?}");
             }
