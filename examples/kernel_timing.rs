@@ -79,22 +79,32 @@ fn main() {
         time("ALIGNED nt 8x100x2000", 2.0 * 8.0 * 100.0 * 2000.0, || {
             gemm_nt(8, 100, 2000, &ya, 2000, &wa, 2000, &mut y1, 100, false)
         });
-        time("ALIGNED nn 8x100x2000 on w1t ldb 100", 2.0 * 8.0 * 100.0 * 2000.0, || {
-            gemm_nn(8, 100, 2000, &ya, 2000, 1, &wa, 100, &mut y1, 100, false)
-        });
-        time("ALIGNED nn 8x100x2000 on w1t ldb 112", 2.0 * 8.0 * 100.0 * 2000.0, || {
-            gemm_nn(8, 100, 2000, &ya, 2000, 1, &wta, 112, &mut y1, 100, false)
-        });
-        time("ALIGNED dy2 nn 8x2000x100", 2.0 * 8.0 * 100.0 * 2000.0, || {
-            gemm_nn(8, 2000, 100, &y1, 100, 1, &wa, 2000, &mut ya, 2000, false)
-        });
+        time(
+            "ALIGNED nn 8x100x2000 on w1t ldb 100",
+            2.0 * 8.0 * 100.0 * 2000.0,
+            || gemm_nn(8, 100, 2000, &ya, 2000, 1, &wa, 100, &mut y1, 100, false),
+        );
+        time(
+            "ALIGNED nn 8x100x2000 on w1t ldb 112",
+            2.0 * 8.0 * 100.0 * 2000.0,
+            || gemm_nn(8, 100, 2000, &ya, 2000, 1, &wta, 112, &mut y1, 100, false),
+        );
+        time(
+            "ALIGNED dy2 nn 8x2000x100",
+            2.0 * 8.0 * 100.0 * 2000.0,
+            || gemm_nn(8, 2000, 100, &y1, 100, 1, &wa, 2000, &mut ya, 2000, false),
+        );
     }
-    time("fc1 fwd nt 8x100x2000 (one chunk)", 2.0 * 8.0 * 100.0 * 2000.0, || {
-        gemm_nt(8, 100, 2000, &y2, 2000, &w1, 2000, &mut y1, 100, false)
-    });
-    time("fc1 fwd nn 8x100x2000 on w1t (one chunk)", 2.0 * 8.0 * 100.0 * 2000.0, || {
-        gemm_nn(8, 100, 2000, &y2, 2000, 1, &w1t, 100, &mut y1, 100, false)
-    });
+    time(
+        "fc1 fwd nt 8x100x2000 (one chunk)",
+        2.0 * 8.0 * 100.0 * 2000.0,
+        || gemm_nt(8, 100, 2000, &y2, 2000, &w1, 2000, &mut y1, 100, false),
+    );
+    time(
+        "fc1 fwd nn 8x100x2000 on w1t (one chunk)",
+        2.0 * 8.0 * 100.0 * 2000.0,
+        || gemm_nn(8, 100, 2000, &y2, 2000, 1, &w1t, 100, &mut y1, 100, false),
+    );
     time(
         "fc1 fwd nt 4x100x2000 (one chunk)",
         2.0 * 4.0 * 100.0 * 2000.0,

@@ -206,9 +206,9 @@ mod tests {
         };
         let good = || {
             vec![
-                ("conv.weight", vec![20, 1, 9, 9], p.k.clone()),
-                ("fc1.weight", vec![100, 2000], p.w_m1.clone()),
-                ("fc2.weight", vec![10, 100], p.w.clone()),
+                ("conv.weight", vec![20, 1, 9, 9], p.k.to_vec()),
+                ("fc1.weight", vec![100, 2000], p.w_m1.to_vec()),
+                ("fc2.weight", vec![10, 100], p.w.to_vec()),
             ]
         };
         // As PyTorch would save it (no metadata): loads as the default network.
@@ -227,7 +227,7 @@ mod tests {
             .to_string();
         assert!(e.contains("unexpected tensor \"fc3.weight\""), "{e}");
         let mut shape = good();
-        shape[2] = ("fc2.weight", vec![100, 10], p.w.clone());
+        shape[2] = ("fc2.weight", vec![100, 10], p.w.to_vec());
         let e = from_bytes(&raw(shape, None), Path::new("s"))
             .unwrap_err()
             .to_string();

@@ -70,7 +70,7 @@ struct Scratch {
     /// (m, N, WQ) ∂L/∂conv_pre, zero at the junk positions
     dz: Aligned,
     /// (m, F) ∂L/∂y⁽⁻²⁾ / B
-    dy2: Vec<f32>,
+    dy2: Aligned,
     /// (m, F) max-pool arg-max (index into z), empty for mean pooling
     argmax: Vec<u32>,
     /// the hidden units that some image of the chunk uses (∂L/∂v⁽⁻¹⁾ ≠ 0)
@@ -86,7 +86,7 @@ impl Scratch {
             ink: Vec::with_capacity(CHUNK),
             z: Aligned::zeroed(maps),
             dz: Aligned::zeroed(maps),
-            dy2: vec![0.0; CHUNK * cfg.flat()],
+            dy2: Aligned::zeroed(CHUNK * cfg.flat()),
             argmax: vec![
                 0;
                 if cfg.pooling == Pooling::Max {
@@ -126,8 +126,9 @@ pub struct Workspace {
     max_batch: usize,
     scratch: Vec<Mutex<Scratch>>,
     outs: Vec<ChunkOut>,
-    /// (B, F) y⁽⁻²⁾
-    y2: Vec<f32>,
+    /// (B, F) y⁽⁻²⁾ (aligned, as `w⁽⁻¹⁾` is: the hidden layer's products load both in whole
+    /// cache lines)
+    y2: Aligned,
     /// (B, H) y⁽⁻¹⁾
     y1: Vec<f32>,
     /// (B, C) probabilities y
@@ -157,7 +158,7 @@ impl Workspace {
             max_batch: b,
             scratch: Vec::new(),
             outs: vec![out; b.div_ceil(CHUNK) + 1],
-            y2: vec![0.0; b * f],
+            y2: Aligned::zeroed(b * f),
             y1: vec![0.0; b * h],
             p: vec![0.0; b * c],
             dv: vec![0.0; b * c],
@@ -903,7 +904,10 @@ mod tests {
         }
         // A batch of 100 in chunks of 8: 12 whole and one of 4, halved to make 14; each
         // thread's half holds 50 images.
-        assert_eq!(chunk_count(100), 100usize.div_ceil(CHUNK).next_multiple_of(2));
+        assert_eq!(
+            chunk_count(100),
+            100usize.div_ceil(CHUNK).next_multiple_of(2)
+        );
         assert_eq!(chunk_at(100, chunk_count(100) / 2).0, 50);
     }
 }

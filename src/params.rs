@@ -13,6 +13,7 @@
 //! Gradients use the same type ([`Grads`]); bias vectors are empty when biases are off.
 
 use crate::config::NetConfig;
+use crate::kernels::Aligned;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 use rand_pcg::Pcg64;
@@ -23,17 +24,17 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq)]
 pub struct Params<T> {
     /// Kernels `k`: `[n_kernels, ks, ks]` (n, i, j).
-    pub k: Vec<T>,
+    pub k: Aligned<T>,
     /// Conv biases: `[n_kernels]`, or empty.
-    pub bk: Vec<T>,
+    pub bk: Aligned<T>,
     /// `w⁽⁻¹⁾`: `[hidden, flat]`.
-    pub w_m1: Vec<T>,
+    pub w_m1: Aligned<T>,
     /// Hidden biases: `[hidden]`, or empty.
-    pub b_m1: Vec<T>,
+    pub b_m1: Aligned<T>,
     /// `w`: `[classes, hidden]`.
-    pub w: Vec<T>,
+    pub w: Aligned<T>,
     /// Output biases: `[classes]`, or empty.
-    pub b: Vec<T>,
+    pub b: Aligned<T>,
 }
 
 /// Gradients have the parameters' type and layout.
@@ -53,7 +54,7 @@ pub enum Init {
 impl<T: Copy + Default> Params<T> {
     /// All-zero tensors of the right sizes (`Grads::zeros` before accumulating with `+=`).
     pub fn zeros(cfg: &NetConfig) -> Self {
-        let z = |n: usize| vec![T::default(); n];
+        let z = |n: usize| Aligned::zeroed(n);
         let nb = |n: usize| if cfg.bias { n } else { 0 };
         Params {
             k: z(cfg.n_kernels * cfg.ksize * cfg.ksize),
@@ -66,8 +67,8 @@ impl<T: Copy + Default> Params<T> {
     }
 
     /// Applies `f` to every element, giving a new tensor set (e.g. to change precision).
-    pub fn map<U>(&self, f: impl Fn(T) -> U + Copy) -> Params<U> {
-        let m = |v: &Vec<T>| v.iter().map(|&x| f(x)).collect();
+    pub fn map<U: Copy + Default>(&self, f: impl Fn(T) -> U + Copy) -> Params<U> {
+        let m = |v: &Aligned<T>| v.iter().map(|&x| f(x)).collect();
         Params {
             k: m(&self.k),
             bk: m(&self.bk),
@@ -92,8 +93,8 @@ impl<T: Copy + Default> Params<T> {
     }
 
     /// Mutable access to the tensors, in the order of [`Params::tensors`].
-    pub fn tensors_mut(&mut self) -> Vec<(&'static str, &mut Vec<T>)> {
-        let all: [(&'static str, &mut Vec<T>); 6] = [
+    pub fn tensors_mut(&mut self) -> Vec<(&'static str, &mut Aligned<T>)> {
+        let all: [(&'static str, &mut Aligned<T>); 6] = [
             ("conv.weight", &mut self.k),
             ("conv.bias", &mut self.bk),
             ("fc1.weight", &mut self.w_m1),
