@@ -1571,12 +1571,22 @@ mod avx512 {
         ldc: usize,
         last: __mmask16,
         acc: bool,
+        pf: bool,
     ) {
         let mut t = [[_mm512_setzero_ps(); NV]; MR];
         for p in 0..k {
             // SAFETY (all pointer arithmetic below): within the tile's bounds, per the contract.
             unsafe {
                 let brow = b.add(p * ldb);
+                // The same row of the next column tile (four lines), fetched ahead by the
+                // first row tile: B's rows lie `ldb` apart, too many streams for the hardware
+                // prefetcher (a hint; it never faults).
+                if pf {
+                    for l in 0..4 {
+                        let ahead = brow.wrapping_add(16 * NN_NV + 16 * l);
+                        _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                    }
+                }
                 let mut bv = [_mm512_setzero_ps(); NV];
                 for v in 0..NV {
                     bv[v] = if v + 1 == NV {
@@ -1652,10 +1662,10 @@ mod avx512 {
                             ($($mr:literal),*) => {
                                 match (mr, nv) {
                                     $(
-                                        ($mr, 1) => nn_tile::<$mr, 1>(kc, ap, ars, acs, bp, ldb, cp, ldc, last, acc),
-                                        ($mr, 2) => nn_tile::<$mr, 2>(kc, ap, ars, acs, bp, ldb, cp, ldc, last, acc),
-                                        ($mr, 3) => nn_tile::<$mr, 3>(kc, ap, ars, acs, bp, ldb, cp, ldc, last, acc),
-                                        ($mr, 4) => nn_tile::<$mr, 4>(kc, ap, ars, acs, bp, ldb, cp, ldc, last, acc),
+                                        ($mr, 1) => nn_tile::<$mr, 1>(kc, ap, ars, acs, bp, ldb, cp, ldc, last, acc, i == 0),
+                                        ($mr, 2) => nn_tile::<$mr, 2>(kc, ap, ars, acs, bp, ldb, cp, ldc, last, acc, i == 0),
+                                        ($mr, 3) => nn_tile::<$mr, 3>(kc, ap, ars, acs, bp, ldb, cp, ldc, last, acc, i == 0),
+                                        ($mr, 4) => nn_tile::<$mr, 4>(kc, ap, ars, acs, bp, ldb, cp, ldc, last, acc, i == 0),
                                     )*
                                     _ => unreachable!("tile {mr}×{nv}"),
                                 }
