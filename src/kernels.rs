@@ -1820,19 +1820,8 @@ mod avx512 {
         add: bool,
     ) {
         let mut acc = [[_mm512_setzero_ps(); NR]; MR];
-        for (e, &span) in spans.iter().enumerate().take(m) {
-            // SAFETY: per the contract.
-            unsafe {
-                dk_image::<MR, NR>(
-                    dz.add(e * n_k * wq),
-                    x.add(e * xs),
-                    offs,
-                    wq,
-                    span,
-                    &mut acc,
-                )
-            };
-        }
+        // SAFETY: per the contract.
+        unsafe { dk_images::<MR, NR>(dz, x, (n_k * wq, xs), offs, wq, &spans[..m], &mut acc) };
         for i in 0..MR {
             for j in 0..NR {
                 // SAFETY: per the contract.
@@ -1848,45 +1837,51 @@ mod avx512 {
         }
     }
 
-    /// One image's share of a `dk_tile`: the accumulators come in and go out through memory
-    /// once per image, and live in registers over the image's positions `q0..q1`.
+    /// The images' share of a `dk_tile`: the accumulators come in and go out through memory
+    /// once, and live in registers over each image e's positions `spans[e]`; image e's maps
+    /// start at dz + e·dzs, its slot at x + e·xs.
     ///
     /// # Safety
-    /// AVX-512F present; dz rows i·wq .. +wq (i < MR) and x + offs[j] .. +wq (j < NR) readable;
-    /// q0 ≤ q1 ≤ wq, multiples of 16.
+    /// AVX-512F present; for each image, dz rows i·wq .. +wq (i < MR) and x + offs[j] .. +wq
+    /// (j < NR) readable; each span q0 ≤ q1 ≤ wq, multiples of 16.
     #[target_feature(enable = "avx512f")]
     #[inline(never)]
-    unsafe fn dk_image<const MR: usize, const NR: usize>(
+    unsafe fn dk_images<const MR: usize, const NR: usize>(
         dz: *const f32,
         x: *const f32,
+        (dzs, xs): (usize, usize),
         offs: &[usize],
         wq: usize,
-        (q0, q1): (usize, usize),
+        spans: &[(usize, usize)],
         acc: &mut [[__m512; NR]; MR],
     ) {
-        debug_assert!(q0 <= q1 && q1 <= wq && q0 % 16 == 0 && q1 % 16 == 0);
         let mut t = *acc;
-        let mut xp = [x; NR];
-        for j in 0..NR {
+        for (e, &(q0, q1)) in spans.iter().enumerate() {
+            debug_assert!(q0 <= q1 && q1 <= wq && q0 % 16 == 0 && q1 % 16 == 0);
             // SAFETY: per the contract.
-            xp[j] = unsafe { x.add(offs[j]) };
-        }
-        let mut q = q0;
-        while q < q1 {
-            // SAFETY: per the contract.
-            unsafe {
-                let mut xv = [_mm512_setzero_ps(); NR];
-                for j in 0..NR {
-                    xv[j] = _mm512_loadu_ps(xp[j].add(q));
-                }
-                for i in 0..MR {
-                    let dv = _mm512_loadu_ps(dz.add(i * wq + q));
+            let (dz, x) = unsafe { (dz.add(e * dzs), x.add(e * xs)) };
+            let mut xp = [x; NR];
+            for j in 0..NR {
+                // SAFETY: per the contract.
+                xp[j] = unsafe { x.add(offs[j]) };
+            }
+            let mut q = q0;
+            while q < q1 {
+                // SAFETY: per the contract.
+                unsafe {
+                    let mut xv = [_mm512_setzero_ps(); NR];
                     for j in 0..NR {
-                        t[i][j] = _mm512_fmadd_ps(dv, xv[j], t[i][j]);
+                        xv[j] = _mm512_loadu_ps(xp[j].add(q));
+                    }
+                    for i in 0..MR {
+                        let dv = _mm512_loadu_ps(dz.add(i * wq + q));
+                        for j in 0..NR {
+                            t[i][j] = _mm512_fmadd_ps(dv, xv[j], t[i][j]);
+                        }
                     }
                 }
+                q += 16;
             }
-            q += 16;
         }
         *acc = t;
     }
