@@ -212,7 +212,7 @@ fn main() {
         1.0,
         || csr.gather(100, b, &dv1s, 1, 100),
     );
-    // 2×2 mean pooling of a chunk's maps (4 images × 20 maps of 20×20), GFLOP/s meaningless.
+    // 2×2 mean pooling of 4 images' maps (80 maps of 20×20), GFLOP/s meaningless.
     let maps = vec![0.3f32; 80 * 400];
     let mut pooled = vec![0.0f32; 80 * 100];
     time("mean_pool2, 80 maps 20x20", 80.0 * 400.0, || {
