@@ -1059,6 +1059,22 @@ pub fn skipped_share(be: Backend, w: Wide, slot: &[f32], ink: Ink) -> (f64, f64)
     (0.0, 0.0)
 }
 
+/// The SIMD forward convolutions' shared signature (`avx512::conv_fwd`, `avx2::conv_fwd`).
+#[cfg(target_arch = "x86_64")]
+type ConvFwd = unsafe fn(
+    usize,
+    usize,
+    *const f32,
+    &[f32],
+    bool,
+    *const f32,
+    &[usize],
+    Ink,
+    (usize, usize),
+    usize,
+    *mut f32,
+);
+
 /// Forward convolution (cross-correlation) of `m` images in the wide layout:
 /// `out[e][n][q] = Σ_p k[n][p] · x[e·slot + q + off(p)]` for `q < wq`, `k` (n_k, ks²).
 /// `x` holds `m` slots of [`Wide::slot`] floats; `out` is (m, n_k, wq).
@@ -1138,35 +1154,24 @@ pub fn conv_wide_fused_on(
             unsafe {
                 let ink = inks.map_or_else(|| w.ink(&x[e * xs..(e + 1) * xs]), |v| v[e]);
                 let shape = (w.conv(), w.ks);
-                if be == Backend::Avx512 {
-                    avx512::conv_fwd(
-                        n_k,
-                        kk,
-                        k.as_ptr(),
-                        bias,
-                        relu,
-                        xp,
-                        offs,
-                        ink,
-                        shape,
-                        wq,
-                        op,
-                    )
+                let conv_fwd: ConvFwd = if be == Backend::Avx512 {
+                    avx512::conv_fwd
                 } else {
-                    avx2::conv_fwd(
-                        n_k,
-                        kk,
-                        k.as_ptr(),
-                        bias,
-                        relu,
-                        xp,
-                        offs,
-                        ink,
-                        shape,
-                        wq,
-                        op,
-                    )
-                }
+                    avx2::conv_fwd
+                };
+                conv_fwd(
+                    n_k,
+                    kk,
+                    k.as_ptr(),
+                    bias,
+                    relu,
+                    xp,
+                    offs,
+                    ink,
+                    shape,
+                    wq,
+                    op,
+                )
             };
         }
         return;
