@@ -1449,6 +1449,23 @@ pub fn mean_repool2_relu_on(
     }
 }
 
+/// Asks the cache for every 64-byte line of `data` (a hint: nothing is read into registers, and
+/// nothing happens on targets without a prefetch instruction). The training loop's images lie
+/// at random in tens of megabytes; fetching a batch's images ahead hides their memory latency.
+pub fn prefetch(data: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in data.chunks(64) {
+        // SAFETY: a prefetch is a hint that never faults and writes nothing; the address is
+        // inside `data` anyway. SSE, which has it, is part of every x86_64 CPU.
+        unsafe {
+            use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+            _mm_prefetch::<_MM_HINT_T0>(line.as_ptr() as *const i8);
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
+}
+
 /// A register-only loop of independent FMAs (`iters` rounds of one vector per register), to measure the
 /// arithmetic ceiling; returns the FLOPs it did (2 per multiply-add, per lane).
 pub fn fma_loop(iters: usize) -> f64 {

@@ -7,6 +7,7 @@ use crate::checkpoint::Model;
 use crate::config::NetConfig;
 use crate::error::{Error, Result};
 use crate::fast::{self, Sgd, Workspace};
+use crate::kernels;
 use crate::mnist::Dataset;
 use crate::params::{Grads, Init, Params};
 use rand::{Rng, SeedableRng};
@@ -363,12 +364,20 @@ pub fn train_from(
                 // The batch's u8 images: read in place through `ids`, or, when augmenting,
                 // shifted copies formed in parallel.
                 let (images, labels, bids) = if tc.shift > 0 {
+                    // In blocks of images whose sources are fetched first, so that their
+                    // memory latencies overlap.
+                    const BLOCK: usize = 10;
                     bimg[..b * px]
-                        .par_chunks_mut(px)
-                        .zip(ids.par_iter().zip(shifts.par_iter()))
-                        .for_each(|(dst, (&id, &(dy, dx)))| {
-                            let src = &train.images[id * px..(id + 1) * px];
-                            shift_image(src, dst, cfg.img, dy, dx);
+                        .par_chunks_mut(BLOCK * px)
+                        .zip(ids.par_chunks(BLOCK).zip(shifts.par_chunks(BLOCK)))
+                        .for_each(|(dst, (ids, shifts))| {
+                            for &id in ids {
+                                kernels::prefetch(&train.images[id * px..(id + 1) * px]);
+                            }
+                            for ((dst, &id), &(dy, dx)) in dst.chunks_mut(px).zip(ids).zip(shifts) {
+                                let src = &train.images[id * px..(id + 1) * px];
+                                shift_image(src, dst, cfg.img, dy, dx);
+                            }
                         });
                     (&bimg[..], &blab[..], &bidx[..b])
                 } else {
