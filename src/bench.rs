@@ -106,18 +106,26 @@ pub fn run(
     let nthreads = pool.current_num_threads();
     let px = cfg.pixels();
     let n = images.max(batch);
-    let mut imgs = Vec::with_capacity(n * px);
-    let mut labels = Vec::with_capacity(n);
-    for i in 0..n {
-        let j = i % data.len();
-        imgs.extend_from_slice(data.image(j));
-        labels.push(data.labels[j]);
-    }
-    let set = Dataset {
-        images: imgs,
-        labels,
-        rows: cfg.img,
-        cols: cfg.img,
+    // The data as it is when it holds exactly the epoch's images (no second copy in memory),
+    // else cycled to make them up.
+    let cycled;
+    let set = if n == data.len() {
+        data
+    } else {
+        let mut imgs = Vec::with_capacity(n * px);
+        let mut labels = Vec::with_capacity(n);
+        for i in 0..n {
+            let j = i % data.len();
+            imgs.extend_from_slice(data.image(j));
+            labels.push(data.labels[j]);
+        }
+        cycled = Dataset {
+            images: imgs,
+            labels,
+            rows: cfg.img,
+            cols: cfg.img,
+        };
+        &cycled
     };
     let tc = TrainConfig {
         batch,
@@ -130,7 +138,7 @@ pub fn run(
     let mut params = Params::init(&cfg, Init::He, 1);
     let mut epoch_secs = Vec::new();
     for _ in 0..runs {
-        let h = train::train(&cfg, &tc, &mut params, &set, None, None, |_| Ok(()))?;
+        let h = train::train(&cfg, &tc, &mut params, set, None, None, |_| Ok(()))?;
         epoch_secs.push(h[0].seconds);
     }
     let train_epoch_seconds = median(&mut epoch_secs);
@@ -166,7 +174,7 @@ pub fn run(
     let gemm_gflops = gemm_own.max(gemm_mm);
     let fma_peak_gflops = pool.install(|| fma_peak(nthreads));
     let train_gflops = 2.0 * train_macs(&cfg) * train_ips / 1e9;
-    let skipped_share = skipped_share(&cfg, &set);
+    let skipped_share = skipped_share(&cfg, set);
     Ok(BenchReport {
         threads: nthreads,
         kernels: format!("{:?}", kernels::backend()),
