@@ -1553,10 +1553,13 @@ mod avx512 {
     #![allow(clippy::needless_range_loop)]
     use std::arch::x86_64::*;
 
-    /// Rows of C per `nn` tile (one broadcast of A each) and 16-lane vectors of C per row.
-    const NN_MR: usize = 6;
-    const NN_NV: usize = 4;
-    /// Depth of one pass over k: B's `NN_KC × 64` panel stays in L1 while every row tile uses it.
+    /// Rows of C per `nn` tile (one broadcast of A each) and 16-lane vectors of C per row:
+    /// 8 × 3 = 24 accumulators, so that a chunk's 8 images are one row tile (B's rows loaded
+    /// once, not for a tile of 6 and again for one of 2). `∂L/∂y⁽⁻²⁾` of 8 images 20.0 against
+    /// 23.2 µs, `∂J/∂w⁽⁻¹⁾` of a batch 270 against 298 µs, against 6 × 4.
+    const NN_MR: usize = 8;
+    const NN_NV: usize = 3;
+    /// Depth of one pass over k: B's `NN_KC × 48` panel stays in L1 while every row tile uses it.
     const NN_KC: usize = 128;
     /// Rows of A and of B per `nt` tile: 4×4 = 16 dot products at once.
     const NT_MR: usize = 4;
@@ -1602,11 +1605,11 @@ mod avx512 {
             // SAFETY (all pointer arithmetic below): within the tile's bounds, per the contract.
             unsafe {
                 let brow = b.add(p * ldb);
-                // The same row of the next column tile (four lines), fetched ahead by the
+                // The same row of the next column tile (NN_NV lines), fetched ahead by the
                 // first row tile: B's rows lie `ldb` apart, too many streams for the hardware
                 // prefetcher (a hint; it never faults).
                 if pf {
-                    for l in 0..4 {
+                    for l in 0..NN_NV {
                         let ahead = brow.wrapping_add(16 * NN_NV + 16 * l);
                         _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
                     }
@@ -1695,7 +1698,7 @@ mod avx512 {
                                 }
                             };
                         }
-                        go!(1, 2, 3, 4, 5, 6);
+                        go!(1, 2, 3, 4, 5, 6, 7, 8);
                     }
                     i += mr;
                 }
