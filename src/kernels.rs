@@ -715,10 +715,12 @@ pub struct Aligned<T = f32> {
     len: usize,
 }
 
-impl<T: Copy + Default> Aligned<T> {
+impl<T> Aligned<T> {
     /// Bytes of the alignment.
     pub const ALIGN: usize = 64;
+}
 
+impl<T: Copy + Default> Aligned<T> {
     /// `len` default values (zeros), aligned.
     pub fn zeroed(len: usize) -> Self {
         Self::from_fn(len, |_| T::default())
@@ -750,7 +752,7 @@ impl<T: Clone> Clone for Aligned<T> {
     fn clone(&self) -> Self {
         let mut buf = self.buf.clone();
         let (old, len) = (self.start, self.len);
-        let start = buf.as_ptr().align_offset(64).min(buf.len() - len);
+        let start = buf.as_ptr().align_offset(Self::ALIGN).min(buf.len() - len);
         if start > old {
             buf[old..start + len].rotate_right(start - old);
         } else {
@@ -982,8 +984,9 @@ impl Wide {
 /// of its kernel gradient's multiply-adds such products; the AVX2 kernel gradient also skips,
 /// per tap group, the 8-position blocks whose reads are all zero (with the rows, 29 % of it on
 /// MNIST). The AVX-512 kernels skip by rows only, in their coarser tiles (80 positions for the
-/// conv, 16-position blocks for its kernel gradient): 5.8 % of a training step on MNIST. Skipping them changes no sum that has a nonzero term (adding `±0` to it is exact);
-/// for finite weights it changes nothing at all.
+/// conv, 16-position blocks for its kernel gradient): 5.8 % of a training step on MNIST.
+/// Skipping them changes no sum that has a nonzero term (adding `±0` to it is exact); for
+/// finite weights it changes nothing at all.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ink {
     lo: usize,
@@ -1563,12 +1566,12 @@ mod avx512 {
     const NN_KC: usize = 128;
     /// Rows of A and of B per `nt` tile: 4×4 = 16 dot products at once.
     const NT_MR: usize = 4;
+    const NT_NR: usize = 4;
     /// 16-lane vectors of positions per conv tile (5 rows of 5 kernels: 25 accumulators).
     pub(super) const CONV_NV: usize = 5;
     /// Maps and taps per kernel-gradient tile.
     pub(super) const DK_MR: usize = 5;
     pub(super) const DK_NR: usize = 4;
-    const NT_NR: usize = 4;
 
     /// Lanes `0..w` of a 16-lane vector.
     #[inline(always)]
