@@ -245,10 +245,10 @@ impl Sgd {
 /// One training step: [`forward_backward`] (the mean gradient into `grads`), then `opt` on
 /// every tensor with the momenta `mom`; when the batch's loss is not finite, only the forward
 /// pass runs and nothing is updated (the caller reports the divergence). The same bits as
-/// `forward_backward` followed by [`Sgd::apply`] on each tensor, but `w⁽⁻¹⁾`'s update is fused into the tasks that make its
-/// gradient rows: each task updates its rows of `w⁽⁻¹⁾` and of their momentum while the
-/// gradient rows are still in its core's cache, one task per thread, so that a row's momentum
-/// stays with one core from step to step. A separate pass over `w⁽⁻¹⁾` (200,000 weights, read
+/// `forward_backward` followed by [`Sgd::apply`] on each tensor, but `w⁽⁻¹⁾`'s update is
+/// fused into the tasks that make its gradient rows: each task updates its rows of `w⁽⁻¹⁾` and
+/// of their momentum while the gradient rows are still in its core's cache, one task per
+/// thread, so that a row's momentum stays with one core from step to step. A separate pass over `w⁽⁻¹⁾` (200,000 weights, read
 /// and written by both cores' chunks and gradient tasks) ran 2.5 times slower on two threads
 /// than on one, the cores trading its cache lines.
 ///
