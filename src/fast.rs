@@ -248,9 +248,9 @@ impl Sgd {
 /// `forward_backward` followed by [`Sgd::apply`] on each tensor, but `w⁽⁻¹⁾`'s update is
 /// fused into the tasks that make its gradient rows: each task updates its rows of `w⁽⁻¹⁾` and
 /// of their momentum while the gradient rows are still in its core's cache, one task per
-/// thread, so that a row's momentum stays with one core from step to step. A separate pass over `w⁽⁻¹⁾` (200,000 weights, read
-/// and written by both cores' chunks and gradient tasks) ran 2.5 times slower on two threads
-/// than on one, the cores trading its cache lines.
+/// thread, so that a row's momentum stays with one core from step to step. A separate pass
+/// over `w⁽⁻¹⁾` (200,000 weights, read and written by both cores' chunks and gradient tasks)
+/// ran 2.5 times slower on two threads than on one, the cores trading its cache lines.
 ///
 /// # Panics
 /// As [`forward_backward`], or if `p`, `mom` and `grads` are not of `cfg`'s sizes.
