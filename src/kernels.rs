@@ -155,7 +155,23 @@ fn check_nn(
         (m - 1) * ldc + n,
         c.len()
     );
-    if k == 0 {
+    check_nn_ab(m, n, k, a, ars, acs, b, ldb);
+}
+
+/// [`check_nn`] for A and B only.
+#[allow(clippy::too_many_arguments)]
+fn check_nn_ab(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    ars: usize,
+    acs: usize,
+    b: &[f32],
+    ldb: usize,
+) {
+    assert!(ldb >= n, "gemm_nn: ldb {ldb} must be ≥ n {n}");
+    if m == 0 || n == 0 || k == 0 {
         return;
     }
     let ea = (m - 1) * ars + (k - 1) * acs + 1;
@@ -257,15 +273,138 @@ pub fn gemm_nn_on(
     if empty_product(m, n, k, c, ldc, acc) {
         return;
     }
+    // SAFETY: `check_nn` asserted that every index of A, B and C the product touches lies
+    // inside its slice, with ldc ≥ n so that C's rows do not overlap; `c` is an exclusive
+    // borrow, so no other reference aliases the written memory.
+    unsafe { nn_unchecked(be, m, n, k, a, ars, acs, b, ldb, c.as_mut_ptr(), ldc, acc) }
+}
+
+/// [`gemm_nn_on`] into columns of a matrix that other threads write other columns of: C
+/// (m×`c.width()`) is `c`, whose rows lie `c`'s stride apart.
+///
+/// # Panics
+/// If A or B reaches outside its slice, `ldb` < the width, or `m` exceeds `c`'s rows.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_nn_cols(
+    m: usize,
+    k: usize,
+    a: &[f32],
+    ars: usize,
+    acs: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut ColsMut,
+    acc: bool,
+) {
+    let n = c.width;
+    assert!(m <= c.rows, "gemm_nn: C has {} rows, needs {m}", c.rows);
+    check_nn_ab(m, n, k, a, ars, acs, b, ldb);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !acc {
+            (0..m).for_each(|i| c.row(i).fill(0.0));
+        }
+        return;
+    }
+    // SAFETY: A and B were checked as in `gemm_nn_on`; C's element (i, j), i < m ≤ rows,
+    // j < width, is at ptr + i·ld + j, inside the matrix `c` borrows exclusively (its
+    // constructor checked rows·ld elements), with ld ≥ width so that rows do not overlap.
+    unsafe { nn_unchecked(backend(), m, n, k, a, ars, acs, b, ldb, c.ptr, c.ld, acc) }
+}
+
+/// Columns `c0..c0 + width` of every row of a row-major matrix (`rows` rows `ld` apart),
+/// borrowed exclusively. [`ColsMut::split_at`] cuts it into blocks that share no element, so
+/// that threads can each own some columns of every row: a product `A·B` whose threads split
+/// the columns of `B` (and `C`) reads only their share of `B`.
+#[derive(Debug)]
+pub struct ColsMut<'a> {
+    /// element (0, c0)
+    ptr: *mut f32,
+    rows: usize,
+    ld: usize,
+    width: usize,
+    _borrow: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: a ColsMut is an exclusive borrow of its elements, like the `&mut [f32]` it was made
+// from, and no other ColsMut or reference reaches them; sending it to another thread is
+// sending that borrow.
+unsafe impl Send for ColsMut<'_> {}
+
+impl<'a> ColsMut<'a> {
+    /// All of the `rows × ld` matrix in `m`.
+    ///
+    /// # Panics
+    /// If `m` holds fewer than `rows·ld` elements.
+    pub fn new(m: &'a mut [f32], rows: usize, ld: usize) -> Self {
+        assert!(m.len() >= rows * ld, "columns: matrix too short");
+        ColsMut {
+            ptr: m.as_mut_ptr(),
+            rows,
+            ld,
+            width: ld,
+            _borrow: std::marker::PhantomData,
+        }
+    }
+    /// The first `at` columns and the rest.
+    ///
+    /// # Panics
+    /// If `at` is past the width.
+    pub fn split_at(self, at: usize) -> (ColsMut<'a>, ColsMut<'a>) {
+        assert!(at <= self.width, "columns: split at {at} of {}", self.width);
+        let right = ColsMut {
+            // SAFETY: at ≤ width ≤ ld, so the pointer stays within (or one past) row 0.
+            ptr: unsafe { self.ptr.add(at) },
+            width: self.width - at,
+            ..self
+        };
+        (ColsMut { width: at, ..self }, right)
+    }
+    /// The block's part of row `i`.
+    ///
+    /// # Panics
+    /// If `i` is not a row.
+    pub fn row(&mut self, i: usize) -> &mut [f32] {
+        assert!(i < self.rows, "columns: row {i} of {}", self.rows);
+        // SAFETY: row i's columns c0..c0 + width lie in the borrowed matrix (rows·ld elements,
+        // width ≤ ld), belong to this block only, and `&mut self` keeps the slice exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(i * self.ld), self.width) }
+    }
+    /// Columns in the block.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+}
+
+/// The product of [`gemm_nn_on`] once its arguments are checked.
+///
+/// # Safety
+/// Every index of A (i·ars + p·acs), B (p·ldb + j) and C (i·ldc + j), i < m, j < n, p < k,
+/// is in bounds of its allocation, C's rows do not overlap (ldc ≥ n), nothing else accesses C
+/// meanwhile, and m, n, k > 0.
+#[allow(clippy::too_many_arguments)]
+unsafe fn nn_unchecked(
+    be: Backend,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    ars: usize,
+    acs: usize,
+    b: &[f32],
+    ldb: usize,
+    cp: *mut f32,
+    ldc: usize,
+    acc: bool,
+) {
     match be.resolve() {
         #[cfg(target_arch = "x86_64")]
         be @ (Backend::Avx512 | Backend::Avx2) => {
-            let (ap, bp, cp) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+            let (ap, bp) = (a.as_ptr(), b.as_ptr());
             // SAFETY: `resolve` checked `is_x86_feature_detected!` for the backend's features
-            // ("avx512f", or "avx2" and "fma"). `check_nn` asserted that every index the kernel
-            // reads (A: i·ars + p·acs for i < m, p < k; B: p·ldb + j for j < n) and writes
-            // (C: i·ldc + j, with ldc ≥ n so rows do not overlap) lies inside the slices; `c` is
-            // an exclusive borrow, so no other reference aliases the written memory.
+            // ("avx512f", or "avx2" and "fma"); the caller guarantees the bounds.
             unsafe {
                 if be == Backend::Avx512 {
                     avx512::nn(m, n, k, ap, ars, acs, bp, ldb, cp, ldc, acc)
@@ -275,8 +414,8 @@ pub fn gemm_nn_on(
             }
         }
         _ => {
-            // SAFETY: as above, `check_nn` bounded every index; matrixmultiply reads A and B and
-            // writes C only at i·rs + j·cs for i < m, j < n, p < k, with the strides given.
+            // SAFETY: the caller bounded every index; matrixmultiply reads A and B and writes C
+            // only at i·rs + j·cs for i < m, j < n, p < k, with the strides given.
             unsafe {
                 matrixmultiply::sgemm(
                     m,
@@ -290,7 +429,7 @@ pub fn gemm_nn_on(
                     ldb as isize,
                     1,
                     if acc { 1.0 } else { 0.0 },
-                    c.as_mut_ptr(),
+                    cp,
                     ldc as isize,
                     1,
                 )
@@ -2268,6 +2407,47 @@ mod tests {
         (5, 17, 16),
         (3, 4, 0),
     ];
+
+    /// Column blocks written by `gemm_nn_cols` hold the bits `gemm_nn` writes there, whatever
+    /// the cuts, with the other columns untouched; `k = 0` clears only the block.
+    #[test]
+    fn nn_into_column_blocks_is_nn() {
+        for &(m, n, k) in SHAPES {
+            let (ars, acs) = (1, m + 2);
+            let a = rand_vec((m + 3) * (k + 3), 1);
+            let b = rand_vec(k.max(1) * n, 2);
+            let c0 = rand_vec(m * n, 3);
+            for acc in [false, true] {
+                let mut want = c0.clone();
+                gemm_nn(m, n, k, &a, ars, acs, &b, n, &mut want, n, acc);
+                for cuts in [vec![], vec![n / 2], vec![16.min(n), n - n / 3]] {
+                    let mut got = c0.clone();
+                    let mut rest = ColsMut::new(&mut got, m, n);
+                    let mut blocks = Vec::new();
+                    let mut done = 0;
+                    for &at in &cuts {
+                        let (l, r) = rest.split_at(at.max(done) - done);
+                        blocks.push((done, l));
+                        (done, rest) = (at.max(done), r);
+                    }
+                    blocks.push((done, rest));
+                    std::thread::scope(|sc| {
+                        for (j, mut blk) in blocks {
+                            let (a, b) = (&a, &b);
+                            sc.spawn(move || {
+                                gemm_nn_cols(m, k, a, ars, acs, &b[j..], n, &mut blk, acc)
+                            });
+                        }
+                    });
+                    assert_eq!(
+                        bits(&got),
+                        bits(&want),
+                        "nn cols {m}x{n}x{k} {cuts:?} {acc}"
+                    );
+                }
+            }
+        }
+    }
 
     /// The chosen kernel and the portable one against the naive loops, with padded leading
     /// dimensions, strided A, and both overwrite and accumulate.
