@@ -362,6 +362,25 @@ impl<'a> ColsMut<'a> {
         };
         (ColsMut { width: at, ..self }, right)
     }
+    /// Columns `c0..c1` of the block, borrowed.
+    ///
+    /// # Panics
+    /// If `c0 > c1` or `c1` is past the width.
+    pub fn sub(&mut self, c0: usize, c1: usize) -> ColsMut<'_> {
+        assert!(
+            c0 <= c1 && c1 <= self.width,
+            "columns: {c0}..{c1} of {}",
+            self.width
+        );
+        ColsMut {
+            // SAFETY: c0 ≤ width ≤ ld, so the pointer stays within (or one past) row 0.
+            ptr: unsafe { self.ptr.add(c0) },
+            rows: self.rows,
+            ld: self.ld,
+            width: c1 - c0,
+            _borrow: std::marker::PhantomData,
+        }
+    }
     /// The block's part of row `i`.
     ///
     /// # Panics
@@ -1594,14 +1613,33 @@ pub fn mean_repool2_relu_on(
 /// Asks the cache for every 64-byte line of `data` (a hint: nothing is read into registers, and
 /// nothing happens on targets without a prefetch instruction). The training loop's images lie
 /// at random in tens of megabytes; fetching a batch's images ahead hides their memory latency.
-pub fn prefetch(data: &[u8]) {
+pub fn prefetch<T>(data: &[T]) {
     #[cfg(target_arch = "x86_64")]
-    for line in data.chunks(64) {
+    for line in data.chunks((64 / std::mem::size_of::<T>().max(1)).max(1)) {
         // SAFETY: a prefetch is a hint that never faults and writes nothing; the address is
         // inside `data` anyway. SSE, which has it, is part of every x86_64 CPU.
         unsafe {
             use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
             _mm_prefetch::<_MM_HINT_T0>(line.as_ptr() as *const i8);
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
+}
+
+/// Asks for every 64-byte line of `data` with intent to write (PREFETCHW): a line that another
+/// core holds is taken from it now, while the caller computes, rather than when it is stored to.
+pub fn prefetch_write<T>(data: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in data.chunks((64 / std::mem::size_of::<T>().max(1)).max(1)) {
+        // SAFETY: a prefetch is a hint that never faults and writes nothing; CPUs without
+        // PREFETCHW run its opcode (0F 0D /1) as a no-op.
+        unsafe {
+            std::arch::asm!(
+                "prefetchw [{}]",
+                in(reg) line.as_ptr(),
+                options(nostack, preserves_flags, readonly)
+            );
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
