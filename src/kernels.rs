@@ -2558,6 +2558,18 @@ mod tests {
                         "nn cols {m}x{n}x{k} {cuts:?} {acc}"
                     );
                 }
+                // The same in passes of 16 columns through `sub`.
+                let mut got = c0.clone();
+                let mut all = ColsMut::new(&mut got, m, n);
+                for j0 in (0..n).step_by(16) {
+                    let mut pass = all.sub(j0, (j0 + 16).min(n));
+                    gemm_nn_cols(m, k, &a, ars, acs, &b[j0..], n, &mut pass, acc);
+                }
+                assert_eq!(
+                    bits(&got),
+                    bits(&want),
+                    "nn cols in passes {m}x{n}x{k} {acc}"
+                );
             }
         }
     }
