@@ -77,6 +77,8 @@ struct Scratch {
     argmax: Vec<u32>,
     /// the hidden units that some image of the chunk uses (∂L/∂v⁽⁻¹⁾ ≠ 0)
     live: Vec<u32>,
+    /// (H, DW1_PASS) one pass of `∂J/∂w⁽⁻¹⁾`'s columns in `train_step` (see `dw1_cols`)
+    pass: Aligned,
 }
 
 impl Scratch {
@@ -98,6 +100,7 @@ impl Scratch {
                 }
             ],
             live: Vec::with_capacity(cfg.hidden),
+            pass: Aligned::zeroed(cfg.hidden * DW1_PASS),
         }
     }
 }
@@ -249,10 +252,11 @@ impl Sgd {
 /// pass runs and nothing is updated (the caller reports the divergence). The same bits as
 /// `forward_backward` followed by [`Sgd::apply`] on each tensor, but `w⁽⁻¹⁾`'s update is
 /// fused into the tasks that make its gradient: each task updates its block of `w⁽⁻¹⁾` and of
-/// its momentum while the gradient rows are still in its core's cache, one task per thread
-/// (see `dw1_cols`). A separate pass
-/// over `w⁽⁻¹⁾` (200,000 weights, read and written by both cores' chunks and gradient tasks)
-/// ran 2.5 times slower on two threads than on one, the cores trading its cache lines.
+/// its momentum pass by pass while the pass's gradient is in its core's cache, one task per
+/// thread (see `dw1_cols`). That gradient is never stored whole: `grads.w_m1` is left as it
+/// was (every other tensor's gradient is in `grads`). A separate pass over `w⁽⁻¹⁾` (200,000
+/// weights, read and written by both cores' chunks and gradient tasks) ran 2.5 times slower
+/// on two threads than on one, the cores trading its cache lines.
 ///
 /// # Panics
 /// As [`forward_backward`], or if `p`, `mom` and `grads` are not of `cfg`'s sizes.
@@ -297,6 +301,7 @@ const DW1_PASS: usize = 144;
 /// On two threads this step took 171–174 against 205 ms per epoch, the chunks 14 ms more
 /// (they then read `w⁽⁻¹⁾`'s other columns from the other core in bursts), and the epoch
 /// 1.032 against 1.052 s (medians of 15 epochs each, the two alternating in one process).
+#[allow(clippy::too_many_arguments)]
 fn dw1_cols(
     b: usize,
     dv1: &[f32],
@@ -304,6 +309,7 @@ fn dw1_cols(
     c0: usize,
     mut g: ColsMut,
     upd: Option<(ColsMut, ColsMut, Sgd)>,
+    scratch: &[Mutex<Scratch>],
     blocks: usize,
 ) {
     let (h, f, width) = (dv1.len() / b.max(1), y2.len() / b.max(1), g.width());
@@ -313,6 +319,8 @@ fn dw1_cols(
             gemm_nn_cols(h, b, dv1, 1, h, &y2[c0..], f, &mut g, false);
             return;
         };
+        let slot = rayon::current_thread_index().unwrap_or(0) % scratch.len();
+        let mut s = scratch[slot].lock().unwrap_or_else(|e| e.into_inner());
         // In passes of DW1_PASS columns, each pass's gradient then its SGD step, with the next
         // pass's weights and momenta asked for meanwhile: the weights with intent to write
         // (the other core read them in the chunks, so each store would first have to take
@@ -328,11 +336,14 @@ fn dw1_cols(
         for j0 in (0..width).step_by(DW1_PASS) {
             let j1 = (j0 + DW1_PASS).min(width);
             fetch(&mut w, &mut m, j1);
-            let mut gp = g.sub(j0, j1);
-            gemm_nn_cols(h, b, dv1, 1, h, &y2[c0 + j0..], f, &mut gp, false);
-            for i in 0..h {
+            // The pass's gradient (H, n) in the thread's scratch, not in `g`: 57 KB that stay
+            // in cache, where `g`'s columns would be fetched from memory to be written.
+            let n = j1 - j0;
+            let gp = &mut s.pass[..h * n];
+            gemm_nn(h, n, b, dv1, 1, h, &y2[c0 + j0..], f, gp, n, false);
+            for (i, gr) in gp.chunks_exact(n).enumerate() {
                 let (w, m) = (&mut w.row(i)[j0..j1], &mut m.row(i)[j0..j1]);
-                opt.apply(w, gp.row(i), m, opt.weight_decay);
+                opt.apply(w, gr, m, opt.weight_decay);
             }
         }
         return;
@@ -346,8 +357,8 @@ fn dw1_cols(
         None => (None, None),
     };
     rayon::join(
-        || dw1_cols(b, dv1, y2, c0, g0, u0, blocks / 2),
-        || dw1_cols(b, dv1, y2, c0 + at, g1, u1, blocks - blocks / 2),
+        || dw1_cols(b, dv1, y2, c0, g0, u0, scratch, blocks / 2),
+        || dw1_cols(b, dv1, y2, c0 + at, g1, u1, scratch, blocks - blocks / 2),
     );
 }
 
@@ -373,7 +384,7 @@ fn dense_grads(
     if sparse {
         ws.dv1t.gather(h, b, dv1, 1, h);
     }
-    let dv1t = &ws.dv1t;
+    let (dv1t, scratch) = (&ws.dv1t, &ws.scratch[..]);
     let Grads {
         k: gk,
         bk: gbk,
@@ -392,7 +403,7 @@ fn dense_grads(
                 let g = ColsMut::new(gw1, h, f);
                 let upd =
                     update.map(|(w, m, opt)| (ColsMut::new(w, h, f), ColsMut::new(m, h, f), opt));
-                dw1_cols(b, dv1, y2, 0, g, upd, threads);
+                dw1_cols(b, dv1, y2, 0, g, upd, scratch, threads);
                 return;
             }
             // Behind a ReLU on AVX2, without dv1's zeros: one block of rows per thread, each
