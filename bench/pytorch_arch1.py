@@ -146,6 +146,7 @@ def main():
         "batch": a.batch,
         "runs": a.runs,
         "train_epoch_seconds": epoch,
+        "train_epoch_seconds_runs": epochs,
         "train_images_per_second": n / epoch,
         "infer_images_per_second": statistics.median(ips),
         "latency_us": statistics.median(lat),

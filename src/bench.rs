@@ -51,6 +51,8 @@ pub struct BenchReport {
     pub runs: usize,
     /// Median seconds per training epoch.
     pub train_epoch_seconds: f64,
+    /// Seconds of each timed epoch, in the order they ran (the spread shows the machine's noise).
+    pub train_epoch_seconds_runs: Vec<f64>,
     /// Training images per second (median epoch).
     pub train_images_per_second: f64,
     /// Achieved training GFLOP/s (2 FLOP per multiply-add).
@@ -141,6 +143,7 @@ pub fn run(
         let h = train::train(&cfg, &tc, &mut params, set, None, None, |_| Ok(()))?;
         epoch_secs.push(h[0].seconds);
     }
+    let train_epoch_seconds_runs = epoch_secs.clone();
     let train_epoch_seconds = median(&mut epoch_secs);
     let train_ips = n as f64 / train_epoch_seconds;
 
@@ -182,6 +185,7 @@ pub fn run(
         batch,
         runs,
         train_epoch_seconds,
+        train_epoch_seconds_runs,
         train_images_per_second: train_ips,
         train_gflops,
         infer_images_per_second: infer_ips,

@@ -1141,6 +1141,11 @@ fn cmd_bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
         "  training, batch {:>4}:  {:.3} s per {}-image epoch, {:.0} images/s, {:.1} GFLOP/s",
         r.batch, r.train_epoch_seconds, r.images, r.train_images_per_second, r.train_gflops
     );
+    let (fastest, slowest) = r
+        .train_epoch_seconds_runs
+        .iter()
+        .fold((f64::INFINITY, 0.0f64), |(a, b), &t| (a.min(t), b.max(t)));
+    println!("                         runs from {fastest:.3} to {slowest:.3} s");
     println!(
         "  skipped as exact zeros: {:.1}% of those multiply-adds (blank background), so {:.1} GFLOP/s executed",
         100.0 * r.skipped_share,

@@ -599,3 +599,49 @@ fn divergence_and_a_full_disk_are_reported() {
         assert_eq!(e.trim().lines().count(), 1, "one line: {e}");
     }
 }
+
+#[test]
+fn bench_reports_medians_and_every_run() {
+    // A tiny bench (300 images, 3 runs): the figures are meaningless, their consistency is not.
+    let o = run(&[
+        "bench",
+        "--images",
+        "300",
+        "--runs",
+        "3",
+        "--threads",
+        "2",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j = last_json(&o);
+    assert_eq!(j["threads"], 2);
+    assert_eq!(j["images"], 300);
+    let runs: Vec<f64> = j["train_epoch_seconds_runs"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no per-run epochs in {j}"))
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(runs.len(), 3, "{j}");
+    assert!(runs.iter().all(|&t| t > 0.0), "{j}");
+    let mut sorted = runs.clone();
+    sorted.sort_by(f64::total_cmp);
+    assert_eq!(
+        j["train_epoch_seconds"].as_f64(),
+        Some(sorted[1]),
+        "median of the runs"
+    );
+    let ips = j["train_images_per_second"].as_f64().unwrap();
+    assert!((ips * sorted[1] - 300.0).abs() < 1e-6 * 300.0, "{j}");
+    for k in [
+        "infer_images_per_second",
+        "latency_us",
+        "fma_peak_gflops",
+        "gemm_gflops",
+    ] {
+        assert!(j[k].as_f64().is_some_and(|v| v > 0.0), "{k} in {j}");
+    }
+    let share = j["skipped_share"].as_f64().unwrap();
+    assert!((0.0..1.0).contains(&share), "{j}");
+}
