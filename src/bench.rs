@@ -41,7 +41,7 @@ pub fn median(v: &mut [f64]) -> f64 {
 pub struct BenchReport {
     /// Worker threads.
     pub threads: usize,
-    /// SIMD kernels in use.
+    /// SIMD kernels in use (and the kernel gradient's, when they differ: [`kernels::dk_backend`]).
     pub kernels: String,
     /// Images per training epoch.
     pub images: usize,
@@ -180,7 +180,10 @@ pub fn run(
     let skipped_share = skipped_share(&cfg, set);
     Ok(BenchReport {
         threads: nthreads,
-        kernels: format!("{:?}", kernels::backend()),
+        kernels: match (kernels::backend(), kernels::dk_backend()) {
+            (a, b) if a == b => format!("{a:?}"),
+            (a, b) => format!("{a:?}, kernel gradient {b:?}"),
+        },
         images: n,
         batch,
         runs,
@@ -209,13 +212,13 @@ pub fn skipped_share(cfg: &NetConfig, data: &Dataset) -> f64 {
         img: cfg.img,
         ks: cfg.ksize,
     };
-    let be = kernels::backend();
+    let (be, dk_be) = (kernels::backend(), kernels::dk_backend());
     let mut slot = vec![0.0; w.slot()];
     let (mut fwd, mut dk) = (0.0, 0.0);
     for i in 0..data.len() {
         let ink = w.fill(data.image(i), &mut slot);
-        let (f, d) = kernels::skipped_share(be, w, &slot, ink);
-        (fwd, dk) = (fwd + f, dk + d);
+        fwd += kernels::skipped_share(be, w, &slot, ink).0;
+        dk += kernels::skipped_share(dk_be, w, &slot, ink).1;
     }
     let n = data.len().max(1) as f64;
     // Per map the kernels compute wq positions (conv² of them useful) × ks² taps.

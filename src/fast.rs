@@ -44,8 +44,8 @@
 use crate::config::{Activation, NetConfig, Pooling};
 use crate::kernels::{
     Aligned, Backend, ColsMut, Csr, Ink, Wide, backend, conv_wide_dk_on, conv_wide_fused_on,
-    gemm_csr, gemm_nn, gemm_nn_at, gemm_nn_cols, gemm_nt, mean_pool2, mean_repool2_relu,
-    nonzero_cols, prefetch, prefetch_write, relu_in_place,
+    dk_backend, gemm_csr, gemm_nn, gemm_nn_at, gemm_nn_cols, gemm_nt, mean_pool2,
+    mean_repool2_relu, nonzero_cols, prefetch, prefetch_write, relu_in_place,
 };
 use crate::params::{Grads, Params};
 use rayon::prelude::*;
@@ -722,9 +722,19 @@ fn chunk(
     } else {
         gemm_nn(m, f, h, dv1, h, 1, &p.w_m1, f, &mut s.dy2, f, false);
     }
-    // dz: (m, N, WQ) = repool(dy2) ⊙ act'(y_m3); dk_c = Σ_e x_e ⋆ dz_e
+    // dz: (m, N, WQ) = repool(dy2) ⊙ act'(y_m3); dk_c = Σ_e x_e ⋆ dz_e (on the kernel
+    // gradient's backend, which on Zen 4 is AVX2: kernels::dk_backend)
     pool_backward(cfg, m, &s.dy2, &s.argmax, &s.z, &mut s.dz);
-    conv_wide_dk_on(be, w, &s.dz, nk, &s.xf, Some(&s.ink), m, &mut out.dk);
+    conv_wide_dk_on(
+        dk_backend(),
+        w,
+        &s.dz,
+        nk,
+        &s.xf,
+        Some(&s.ink),
+        m,
+        &mut out.dk,
+    );
     for (n, b) in out.dbk.iter_mut().enumerate() {
         // Summed in f64: m·conv² terms (thousands), too many for a plain f32 sum. Junk is 0.
         *b = (0..m)

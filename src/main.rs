@@ -1134,7 +1134,7 @@ fn cmd_bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "mnistconv bench: {} threads, {} kernels, medians of {} runs",
+        "mnistconv bench: {} threads, kernels {}, medians of {} runs",
         r.threads, r.kernels, r.runs
     );
     println!(
