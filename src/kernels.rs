@@ -117,8 +117,9 @@ pub fn backend() -> Backend {
 /// The backend of the kernel gradient ([`conv_wide_dk`]): [`backend`], except on a CPU that
 /// runs 512-bit FMAs as two 256-bit halves (AMD Zen 4, family 19h) where AVX-512 is chosen:
 /// there both widths do the same multiply-adds per cycle, and the AVX2 kernel, which skips
-/// zeros by 8-position blocks per tap group (29 % of the kernel gradient on MNIST, against 11 %
-/// for the AVX-512 one's rows), is the faster (a chunk of 8 digits 91 against 97–100 µs,
+/// zeros by 8-position blocks per tap group rather than by rows (with it, 11.8 % of a training
+/// step's multiply-adds on MNIST are skipped, against 5.7 %), is the faster (a chunk of 8
+/// digits 87 against 97 µs,
 /// `examples/kernel_timing`; training 2–3.5 % faster). `MNISTCONV_KERNELS=avx512` keeps
 /// AVX-512 here too. Fixed per machine, so results stay the same for any thread count.
 pub fn dk_backend() -> Backend {
