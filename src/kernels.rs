@@ -82,6 +82,18 @@ pub fn has_avx512bw_vl() -> bool {
     }
 }
 
+/// Whether this CPU has AVX-512F and VL (AVX-512 instructions on 8-lane vectors, and 32 of them).
+pub fn has_avx512vl() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        has_avx512() && std::arch::is_x86_feature_detected!("avx512vl")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Whether this CPU has AVX2 and FMA.
 pub fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -1457,8 +1469,8 @@ pub fn conv_wide_dk_on(
         let offs = w.offsets();
         let offs = &offs[..kk];
         let (dzp, xp, dkp) = (dz.as_ptr(), x.as_ptr(), dk.as_mut_ptr());
-        // SAFETY: `resolve` detected the backend's features (AVX-512F, or AVX2 and FMA). Reads
-        // dz[(e·n_k + n)·wq + q] and x[e·xs + q + off(p)] for e < m, n < n_k, q < wq, p < kk,
+        // SAFETY: `resolve` detected the backend's features (AVX-512F, or AVX2 and FMA, and
+        // `has_avx512vl` the 32-register variant's). Reads dz[(e·n_k + n)·wq + q] and x[e·xs + q + off(p)] for e < m, n < n_k, q < wq, p < kk,
         // all within the slices (assertions above and the definition of `slot`); writes
         // dk[n·kk + p], within dk.
         unsafe {
@@ -1466,8 +1478,11 @@ pub fn conv_wide_dk_on(
             let shape = (w.conv(), w.ks);
             if be == Backend::Avx512 {
                 avx512::conv_dk(n_k, kk, dzp, xp, xs, m, offs, &ink, shape, wq, dkp)
+            } else if has_avx512vl() {
+                // The AVX2 kernel with AVX-512VL's 32 ymm registers: wider tiles, same bits.
+                avx2::conv_dk::<avx2::Ymm32>(n_k, kk, dzp, xp, xs, m, offs, &ink, shape, wq, dkp)
             } else {
-                avx2::conv_dk(n_k, kk, dzp, xp, xs, m, offs, &ink, shape, wq, dkp)
+                avx2::conv_dk::<avx2::Ymm16>(n_k, kk, dzp, xp, xs, m, offs, &ink, shape, wq, dkp)
             }
         };
         return;
@@ -2922,6 +2937,89 @@ mod tests {
                 conv_wide_dk_on(be, w, &dz, n_k, &x, given, m, &mut da);
                 close(&da, &db, &format!("sparse dk {img}/{ks} {be:?}"));
             }
+        }
+    }
+
+    /// The AVX2 kernel gradient gives the same bits with AVX-512VL's 32 registers (5-map
+    /// tiles) as with AVX2's 16 (4-map tiles): map counts that fill no tile evenly, digit-like
+    /// and blank slots, one image and several.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_kernel_gradient_has_the_same_bits_with_32_registers() {
+        if !(has_avx2_fma() && has_avx512vl()) {
+            eprintln!("skipped: this CPU lacks AVX-512VL");
+            return;
+        }
+        for (img, ks, n_k, m) in [
+            (28, 9, 20, 8),
+            (28, 9, 23, 3),
+            (28, 9, 7, 1),
+            (13, 3, 11, 5),
+        ] {
+            let w = Wide { img, ks };
+            let (xs, wq, px) = (w.slot(), w.wq(), img * img);
+            let mut x = vec![0.0; m * xs];
+            let mut inks = Vec::new();
+            for e in 0..m {
+                // Ink on a band of rows (a different band per image), or none at all.
+                let (a, b) = (e % 5, img - (e * 3) % 7);
+                let pic: Vec<u8> = (0..px)
+                    .map(|i| {
+                        if e != 2 && (a * img..b * img).contains(&i) {
+                            (i * 53 % 256) as u8
+                        } else {
+                            0
+                        }
+                    })
+                    .collect();
+                inks.push(w.fill(&pic, &mut x[e * xs..(e + 1) * xs]));
+            }
+            let dz = rand_vec(m * n_k * wq, 31);
+            let offs = w.offsets();
+            let kk = ks * ks;
+            let run = |wide: bool| {
+                let mut dk = vec![f32::NAN; n_k * kk];
+                let ink = |e: usize| inks[e];
+                let (dzp, xp, dkp) = (dz.as_ptr(), x.as_ptr(), dk.as_mut_ptr());
+                // SAFETY: AVX2, FMA and (for the wide one) AVX-512VL were detected; the
+                // buffers have m slots, m·n_k maps and n_k·kk taps, as `conv_wide_dk_on` checks.
+                unsafe {
+                    let args = (
+                        n_k,
+                        kk,
+                        dzp,
+                        xp,
+                        xs,
+                        m,
+                        &offs[..kk],
+                        (w.conv(), ks),
+                        wq,
+                        dkp,
+                    );
+                    if wide {
+                        avx2::conv_dk::<avx2::Ymm32>(
+                            args.0, args.1, args.2, args.3, args.4, args.5, args.6, &ink, args.7,
+                            args.8, args.9,
+                        )
+                    } else {
+                        avx2::conv_dk::<avx2::Ymm16>(
+                            args.0, args.1, args.2, args.3, args.4, args.5, args.6, &ink, args.7,
+                            args.8, args.9,
+                        )
+                    }
+                }
+                dk
+            };
+            let (narrow, wide) = (run(false), run(true));
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&narrow),
+                bits(&wide),
+                "{img}/{ks}, {n_k} maps, {m} images"
+            );
+            let mut naive = vec![0.0; n_k * kk];
+            conv_wide_dk_naive(w, &dz, n_k, &x, m, &mut naive);
+            close(&wide, &naive, "dk with 32 registers");
         }
     }
 

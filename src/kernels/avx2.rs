@@ -8,6 +8,9 @@
 //! (`cargo run --release --example kernel_timing`, Zen 3): a 4×3 conv tile (12 accumulators,
 //! 3 loads and a broadcast: all 16 registers) ran at half the speed of 5×2 (≈ 45 against
 //! ≈ 93 GFLOP/s on one core); for `dk` 4×3 beat 5×2, 3×3 and 6×2 (≈ 85 against 74–79).
+//! Where AVX-512VL gives the same 8-lane code 32 registers, `dk` takes 5×3 tiles (`DkRegs`):
+//! on Zen 4, whose kernel gradient runs here, 82.5–83.5 against 85.7–87.4 µs per chunk of 8
+//! digits (7×3: 82.2–83.1).
 //!
 //! The conv kernels leave out products whose image operand is an exact zero (the slot's blank
 //! rows, its [`super::Ink`]; then per group of three taps the 8-position blocks that `tap_groups`
@@ -29,6 +32,8 @@ const NT_NR: usize = 3;
 /// Maps and taps of the kernel-gradient tile.
 const CD_MR: usize = 4;
 const CD_NR: usize = 3;
+/// Maps of the kernel-gradient tile with AVX-512VL's 32 ymm registers (see `DkRegs`).
+const CD_MR_VL: usize = 5;
 /// Rows (kernels) and position vectors of the forward conv tile.
 const CF_MR: usize = 5;
 const CF_NV: usize = 2;
@@ -582,7 +587,7 @@ pub unsafe fn conv_fwd(
 /// for e < m, i < MR, p in the tile; dk + i·kk + p writable.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn dk_tile<const MR: usize, const NR: usize>(
+unsafe fn dk_tile<R: DkRegs, const MR: usize, const NR: usize>(
     n_k: usize,
     kk: usize,
     dz: *const f32,
@@ -599,7 +604,7 @@ unsafe fn dk_tile<const MR: usize, const NR: usize>(
     for (e, &span) in blocks.iter().enumerate().take(m) {
         // SAFETY: per the contract.
         unsafe {
-            dk_image::<MR, NR>(
+            R::image::<MR, NR>(
                 dz.add(e * n_k * wq),
                 x.add(e * xs),
                 offs,
@@ -628,68 +633,116 @@ unsafe fn dk_tile<const MR: usize, const NR: usize>(
 /// mask (block b = positions 8b..8b+8), outside which every product of the tile is an exact
 /// zero.
 #[derive(Clone, Copy, Debug)]
-enum Blocks {
+pub(super) enum Blocks {
     Range(usize, usize),
     Mask(u64),
 }
 
-/// One image's share of a `dk_tile`: the accumulators live in registers over the image's
-/// blocks (those where one of the tile's taps may read a nonzero; elsewhere every product is
-/// an exact zero).
-///
-/// # Safety
-/// AVX2 and FMA present; dz rows i·wq .. +wq (i < MR) and x + offs[j] .. +wq (j < NR) readable;
-/// a range lies within 0..wq in multiples of 8, a mask has no bit at or past wq/8.
-#[target_feature(enable = "avx2,fma")]
-#[inline(never)]
-unsafe fn dk_image<const MR: usize, const NR: usize>(
-    dz: *const f32,
-    x: *const f32,
-    offs: &[usize],
-    wq: usize,
-    blocks: Blocks,
-    acc: &mut [[__m256; NR]; MR],
-) {
-    let mut t = *acc;
-    let mut xp = [x; NR];
-    for j in 0..NR {
-        // SAFETY: per the contract.
-        xp[j] = unsafe { x.add(offs[j]) };
-    }
-    // Positions q..q+8 of every map row and tap of the tile.
-    let mut step = |q: usize| {
-        // SAFETY: per the contract (q + 8 ≤ wq).
-        unsafe {
-            let mut xv = [_mm256_setzero_ps(); NR];
+/// The register file that a `dk` tile's image loop is compiled for, and the tile's rows (maps)
+/// that fill it: 16 ymm registers (AVX2) hold 4×3 accumulators and 3 loads; with AVX-512VL
+/// the same 8-lane code has 32, and 5×3 tiles read each copy of x once for 5 maps, not 4. A
+/// tile's shape changes no sum (every element is the same sequence of FMAs and one lane sum),
+/// so both give the same bits.
+pub(super) trait DkRegs {
+    /// Maps per tile.
+    const MR: usize;
+    /// One image's share of a tile, as `dk_image`.
+    ///
+    /// # Safety
+    /// As `dk_image`, with the register file's features present.
+    unsafe fn image<const MR: usize, const NR: usize>(
+        dz: *const f32,
+        x: *const f32,
+        offs: &[usize],
+        wq: usize,
+        blocks: Blocks,
+        acc: &mut [[__m256; NR]; MR],
+    );
+}
+
+/// 16 ymm registers: AVX2 and FMA.
+pub(super) struct Ymm16;
+/// 32 ymm registers: AVX2, FMA, AVX-512F and VL.
+pub(super) struct Ymm32;
+
+macro_rules! dk_image_for {
+    ($regs:ty, $mr:expr, $features:literal, $name:ident) => {
+        /// One image's share of a `dk_tile`: the accumulators live in registers over the image's
+        /// blocks (those where one of the tile's taps may read a nonzero; elsewhere every product is
+        /// an exact zero).
+        ///
+        /// # Safety
+        /// The features present; dz rows i·wq .. +wq (i < MR) and x + offs[j] .. +wq (j < NR) readable;
+        /// a range lies within 0..wq in multiples of 8, a mask has no bit at or past wq/8.
+        #[target_feature(enable = $features)]
+        #[inline(never)]
+        unsafe fn $name<const MR: usize, const NR: usize>(
+            dz: *const f32,
+            x: *const f32,
+            offs: &[usize],
+            wq: usize,
+            blocks: Blocks,
+            acc: &mut [[__m256; NR]; MR],
+        ) {
+            let mut t = *acc;
+            let mut xp = [x; NR];
             for j in 0..NR {
-                xv[j] = _mm256_loadu_ps(xp[j].add(q));
+                // SAFETY: per the contract.
+                xp[j] = unsafe { x.add(offs[j]) };
             }
-            for i in 0..MR {
-                let dv = _mm256_loadu_ps(dz.add(i * wq + q));
-                for j in 0..NR {
-                    t[i][j] = _mm256_fmadd_ps(dv, xv[j], t[i][j]);
+            // Positions q..q+8 of every map row and tap of the tile.
+            let mut step = |q: usize| {
+                // SAFETY: per the contract (q + 8 ≤ wq).
+                unsafe {
+                    let mut xv = [_mm256_setzero_ps(); NR];
+                    for j in 0..NR {
+                        xv[j] = _mm256_loadu_ps(xp[j].add(q));
+                    }
+                    for i in 0..MR {
+                        let dv = _mm256_loadu_ps(dz.add(i * wq + q));
+                        for j in 0..NR {
+                            t[i][j] = _mm256_fmadd_ps(dv, xv[j], t[i][j]);
+                        }
+                    }
                 }
+            };
+            match blocks {
+                Blocks::Range(mut q, end) => {
+                    debug_assert!(q <= end && end <= wq && q % 8 == 0 && end % 8 == 0);
+                    while q < end {
+                        step(q);
+                        q += 8;
+                    }
+                }
+                Blocks::Mask(mut bits) => {
+                    debug_assert!(wq >= 512 || bits >> (wq / 8) == 0);
+                    while bits != 0 {
+                        step(8 * bits.trailing_zeros() as usize);
+                        bits &= bits - 1;
+                    }
+                }
+            }
+            *acc = t;
+        }
+
+        impl DkRegs for $regs {
+            const MR: usize = $mr;
+            unsafe fn image<const MR: usize, const NR: usize>(
+                dz: *const f32,
+                x: *const f32,
+                offs: &[usize],
+                wq: usize,
+                blocks: Blocks,
+                acc: &mut [[__m256; NR]; MR],
+            ) {
+                // SAFETY: per the contract.
+                unsafe { $name::<MR, NR>(dz, x, offs, wq, blocks, acc) }
             }
         }
     };
-    match blocks {
-        Blocks::Range(mut q, end) => {
-            debug_assert!(q <= end && end <= wq && q % 8 == 0 && end % 8 == 0);
-            while q < end {
-                step(q);
-                q += 8;
-            }
-        }
-        Blocks::Mask(mut bits) => {
-            debug_assert!(wq >= 512 || bits >> (wq / 8) == 0);
-            while bits != 0 {
-                step(8 * bits.trailing_zeros() as usize);
-                bits &= bits - 1;
-            }
-        }
-    }
-    *acc = t;
 }
+dk_image_for!(Ymm16, CD_MR, "avx2,fma", dk_image);
+dk_image_for!(Ymm32, CD_MR_VL, "avx2,fma,avx512f,avx512vl", dk_image_vl);
 
 /// One bit per byte of `t`: bit k set when byte k is nonzero.
 #[inline]
@@ -783,7 +836,7 @@ unsafe fn tap_groups(
 /// As `dk_tile`, for all n < n_k and p < kk; wq a multiple of 8; kk = ks².
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn conv_dk(
+pub(super) unsafe fn conv_dk<R: DkRegs>(
     n_k: usize,
     kk: usize,
     dz: *const f32,
@@ -816,7 +869,7 @@ pub unsafe fn conv_dk(
         }
         let mut i = 0;
         while i < n_k {
-            let mr = (n_k - i).min(CD_MR);
+            let mr = (n_k - i).min(R::MR);
             let mut p = 0;
             while p < kk {
                 let nr = (kk - p).min(CD_NR);
@@ -838,10 +891,10 @@ pub unsafe fn conv_dk(
                         ($($mr:literal),*) => {
                             match (mr, nr) {
                                 $(
-                                    ($mr, 1) => dk_tile::<$mr, 1>(n_k, kk, dzp, x, xs, me, o, wq, spans, dkp, add),
-                                    ($mr, 2) => dk_tile::<$mr, 2>(n_k, kk, dzp, x, xs, me, o, wq, spans, dkp, add),
-                                    ($mr, 3) => dk_tile::<$mr, 3>(n_k, kk, dzp, x, xs, me, o, wq, spans, dkp, add),
-                                    ($mr, 4) => dk_tile::<$mr, 4>(n_k, kk, dzp, x, xs, me, o, wq, spans, dkp, add),
+                                    ($mr, 1) => dk_tile::<R, $mr, 1>(n_k, kk, dzp, x, xs, me, o, wq, spans, dkp, add),
+                                    ($mr, 2) => dk_tile::<R, $mr, 2>(n_k, kk, dzp, x, xs, me, o, wq, spans, dkp, add),
+                                    ($mr, 3) => dk_tile::<R, $mr, 3>(n_k, kk, dzp, x, xs, me, o, wq, spans, dkp, add),
+                                    ($mr, 4) => dk_tile::<R, $mr, 4>(n_k, kk, dzp, x, xs, me, o, wq, spans, dkp, add),
                                 )*
                                 _ => unreachable!("tile {mr}×{nr}"),
                             }
