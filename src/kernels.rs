@@ -2099,14 +2099,31 @@ mod avx512 {
         let mut acc = [[_mm512_setzero_ps(); NR]; MR];
         // SAFETY: per the contract.
         unsafe { dk_images::<MR, NR>(dz, x, (n_k * wq, xs), offs, wq, &spans[..m], &mut acc) };
+        // SAFETY: per the contract (taps p..p + NR of maps i < MR).
+        unsafe { store_lane_sums(&acc, dk, kk, add) };
+    }
+
+    /// Writes the lane sums of a tile's accumulators, `Σ t[i][j]` at `dst + i·ld + j`, or adds
+    /// them there when `add`: four neighbours at a time by one transposing tree, the rest one
+    /// by one.
+    ///
+    /// # Safety
+    /// AVX-512F present; `dst + i·ld + j` readable and writable for i < MR, j < NR.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn store_lane_sums<const MR: usize, const NR: usize>(
+        t: &[[__m512; NR]; MR],
+        dst: *mut f32,
+        ld: usize,
+        add: bool,
+    ) {
         for i in 0..MR {
-            // Four taps at a time: their sums are neighbours in dk.
             let mut j0 = 0;
             while j0 + 4 <= NR {
-                let s = lane_sums4(acc[i][j0], acc[i][j0 + 1], acc[i][j0 + 2], acc[i][j0 + 3]);
-                // SAFETY: per the contract (taps j0..j0 + 4 of row i).
+                let s = lane_sums4(t[i][j0], t[i][j0 + 1], t[i][j0 + 2], t[i][j0 + 3]);
+                // SAFETY: per the contract (j0..j0 + 4 of row i).
                 unsafe {
-                    let d = dk.add(i * kk + j0);
+                    let d = dst.add(i * ld + j0);
                     let s = if add {
                         _mm_add_ps(_mm_loadu_ps(d), s)
                     } else {
@@ -2117,14 +2134,11 @@ mod avx512 {
                 j0 += 4;
             }
             for j in j0..NR {
+                let s = _mm512_reduce_add_ps(t[i][j]);
                 // SAFETY: per the contract.
                 unsafe {
-                    let d = dk.add(i * kk + j);
-                    *d = if add {
-                        *d + _mm512_reduce_add_ps(acc[i][j])
-                    } else {
-                        _mm512_reduce_add_ps(acc[i][j])
-                    };
+                    let d = dst.add(i * ld + j);
+                    *d = if add { *d + s } else { s };
                 }
             }
         }
@@ -2459,32 +2473,8 @@ mod avx512 {
             }
             p += 16;
         }
-        for i in 0..MR {
-            // Four columns at a time: their sums are neighbours in C.
-            let mut j0 = 0;
-            while j0 + 4 <= NR {
-                let s = lane_sums4(t[i][j0], t[i][j0 + 1], t[i][j0 + 2], t[i][j0 + 3]);
-                // SAFETY: C's tile is in bounds, per the contract.
-                unsafe {
-                    let dst = c.add(i * ldc + j0);
-                    let s = if acc {
-                        _mm_add_ps(_mm_loadu_ps(dst), s)
-                    } else {
-                        s
-                    };
-                    _mm_storeu_ps(dst, s);
-                }
-                j0 += 4;
-            }
-            for j in j0..NR {
-                let s = _mm512_reduce_add_ps(t[i][j]);
-                // SAFETY: C's tile is in bounds, per the contract.
-                unsafe {
-                    let dst = c.add(i * ldc + j);
-                    *dst = if acc { *dst + s } else { s };
-                }
-            }
-        }
+        // SAFETY: C's tile is in bounds, per the contract.
+        unsafe { store_lane_sums(&t, c, ldc, acc) };
     }
 
     /// # Safety
