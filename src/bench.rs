@@ -217,8 +217,14 @@ pub fn skipped_share(cfg: &NetConfig, data: &Dataset) -> f64 {
     let (mut fwd, mut dk) = (0.0, 0.0);
     for i in 0..data.len() {
         let ink = w.fill(data.image(i), &mut slot);
-        fwd += kernels::skipped_share(be, w, &slot, ink).0;
-        dk += kernels::skipped_share(dk_be, w, &slot, ink).1;
+        let (f, d) = kernels::skipped_share(be, w, &slot, ink);
+        fwd += f;
+        // The kernel gradient's share on its own backend (a second count only if it differs).
+        dk += if dk_be == be {
+            d
+        } else {
+            kernels::skipped_share(dk_be, w, &slot, ink).1
+        };
     }
     let n = data.len().max(1) as f64;
     // Per map the kernels compute wq positions (conv² of them useful) × ks² taps.

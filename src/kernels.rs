@@ -113,9 +113,9 @@ pub fn backend() -> Backend {
     use std::sync::OnceLock;
     static B: OnceLock<Backend> = OnceLock::new();
     *B.get_or_init(|| {
-        let want = match std::env::var("MNISTCONV_KERNELS").as_deref() {
-            Ok("portable") => Backend::Portable,
-            Ok("avx2") => Backend::Avx2,
+        let want = match kernels_asked().as_deref() {
+            Some("portable") => Backend::Portable,
+            Some("avx2") => Backend::Avx2,
             _ => Backend::Avx512,
         };
         Backend::ALL
@@ -126,19 +126,24 @@ pub fn backend() -> Backend {
     })
 }
 
+/// What `MNISTCONV_KERNELS` asks for, if it is set.
+fn kernels_asked() -> Option<String> {
+    std::env::var("MNISTCONV_KERNELS").ok()
+}
+
 /// The backend of the kernel gradient ([`conv_wide_dk`]): [`backend`], except on a CPU that
 /// runs 512-bit FMAs as two 256-bit halves (AMD Zen 4, family 19h) where AVX-512 is chosen:
 /// there both widths do the same multiply-adds per cycle, and the AVX2 kernel, which skips
 /// zeros by 8-position blocks per tap group rather than by rows (with it, 11.8 % of a training
 /// step's multiply-adds on MNIST are skipped, against 5.7 %), is the faster (a chunk of 8
-/// digits 87 against 97 µs,
-/// `examples/kernel_timing`; training 2–3.5 % faster). `MNISTCONV_KERNELS=avx512` keeps
-/// AVX-512 here too. Fixed per machine, so results stay the same for any thread count.
+/// digits 87 against 97 µs, `examples/kernel_timing`; training 2–3.5 % faster).
+/// `MNISTCONV_KERNELS=avx512` keeps AVX-512 here too. Fixed per machine, so results stay the
+/// same for any thread count.
 pub fn dk_backend() -> Backend {
     use std::sync::OnceLock;
     static B: OnceLock<Backend> = OnceLock::new();
     *B.get_or_init(|| {
-        let asked_avx512 = std::env::var("MNISTCONV_KERNELS").as_deref() == Ok("avx512");
+        let asked_avx512 = kernels_asked().as_deref() == Some("avx512");
         match backend() {
             Backend::Avx512 if half_rate_avx512() && !asked_avx512 => Backend::Avx2,
             be => be,
@@ -1469,10 +1474,10 @@ pub fn conv_wide_dk_on(
         let offs = w.offsets();
         let offs = &offs[..kk];
         let (dzp, xp, dkp) = (dz.as_ptr(), x.as_ptr(), dk.as_mut_ptr());
-        // SAFETY: `resolve` detected the backend's features (AVX-512F, or AVX2 and FMA, and
-        // `has_avx512vl` the 32-register variant's). Reads dz[(e·n_k + n)·wq + q] and x[e·xs + q + off(p)] for e < m, n < n_k, q < wq, p < kk,
-        // all within the slices (assertions above and the definition of `slot`); writes
-        // dk[n·kk + p], within dk.
+        // SAFETY: `resolve` detected the backend's features (AVX-512F, or AVX2 and FMA), and
+        // `has_avx512vl` the 32-register variant's. Reads dz[(e·n_k + n)·wq + q] and
+        // x[e·xs + q + off(p)] for e < m, n < n_k, q < wq, p < kk, all within the slices
+        // (assertions above and the definition of `slot`); writes dk[n·kk + p], within dk.
         unsafe {
             let ink = |e: usize| inks.map_or_else(|| w.ink(&x[e * xs..(e + 1) * xs]), |v| v[e]);
             let shape = (w.conv(), w.ks);
@@ -2567,7 +2572,7 @@ mod tests {
     fn kernel_gradient_backend_is_the_backend_or_avx2_on_half_rate_avx512() {
         let (be, dk) = (backend(), dk_backend());
         assert_eq!(dk.resolve(), dk, "{dk:?} runs here");
-        let asked_avx512 = std::env::var("MNISTCONV_KERNELS").as_deref() == Ok("avx512");
+        let asked_avx512 = kernels_asked().as_deref() == Some("avx512");
         if be == Backend::Avx512 && half_rate_avx512() && !asked_avx512 {
             assert_eq!(dk, Backend::Avx2);
         } else {
@@ -2974,27 +2979,14 @@ mod tests {
                 // SAFETY: AVX2, FMA and (for the wide one) AVX-512VL were detected; the
                 // buffers have m slots, m·n_k maps and n_k·kk taps, as `conv_wide_dk_on` checks.
                 unsafe {
-                    let args = (
-                        n_k,
-                        kk,
-                        dzp,
-                        xp,
-                        xs,
-                        m,
-                        &offs[..kk],
-                        (w.conv(), ks),
-                        wq,
-                        dkp,
-                    );
+                    let (o, shape) = (&offs[..kk], (w.conv(), ks));
                     if wide {
                         avx2::conv_dk::<avx2::Ymm32>(
-                            args.0, args.1, args.2, args.3, args.4, args.5, args.6, &ink, args.7,
-                            args.8, args.9,
+                            n_k, kk, dzp, xp, xs, m, o, &ink, shape, wq, dkp,
                         )
                     } else {
                         avx2::conv_dk::<avx2::Ymm16>(
-                            args.0, args.1, args.2, args.3, args.4, args.5, args.6, &ink, args.7,
-                            args.8, args.9,
+                            n_k, kk, dzp, xp, xs, m, o, &ink, shape, wq, dkp,
                         )
                     }
                 }

@@ -667,13 +667,14 @@ pub(super) struct Ymm32;
 
 macro_rules! dk_image_for {
     ($regs:ty, $mr:expr, $features:literal, $name:ident) => {
-        /// One image's share of a `dk_tile`: the accumulators live in registers over the image's
-        /// blocks (those where one of the tile's taps may read a nonzero; elsewhere every product is
-        /// an exact zero).
+        /// One image's share of a `dk_tile`: the accumulators live in registers over the
+        /// image's blocks (those where one of the tile's taps may read a nonzero; elsewhere
+        /// every product is an exact zero).
         ///
         /// # Safety
-        /// The features present; dz rows i·wq .. +wq (i < MR) and x + offs[j] .. +wq (j < NR) readable;
-        /// a range lies within 0..wq in multiples of 8, a mask has no bit at or past wq/8.
+        /// The features present; dz rows i·wq .. +wq (i < MR) and x + offs[j] .. +wq (j < NR)
+        /// readable; a range lies within 0..wq in multiples of 8, a mask has no bit at or past
+        /// wq/8.
         #[target_feature(enable = $features)]
         #[inline(never)]
         unsafe fn $name<const MR: usize, const NR: usize>(
